@@ -1,0 +1,34 @@
+# Every target runs `setup` first; setup is idempotent (a stamp file records the last install).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Torch is installed before the project so that pip never pulls a multi-GB CUDA build on CPU
+# machines. GPU users: install your CUDA torch into .venv first, or set TORCH_SPEC.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) jobs/generate.py
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) benchmarks/bench_unet.py
+
+lint: setup
+	$(PY) -m ruff check platform jobs tests benchmarks dashboards
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random configurations of the real models (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Never reach a model hub from tests; everything is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def tiny_sd_unet_config(**overrides) -> dict:
+    """A Stable-Diffusion-shaped UNet2DConditionModel config small enough for CPU tests.
+
+    Two levels (cross-attention then plain), linear projections as in SD 2.x, 2 and 4 heads.
+    """
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def sd_unet():
+    """A randomly initialised tiny SD UNet (seeded)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny_sd_unet_config()).eval()
