@@ -41,3 +41,26 @@ def sd_unet():
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**tiny_sd_unet_config()).eval()
+
+
+def tiny_pixel_unet_config(**overrides) -> dict:
+    """A pixel-space (RGB) multi-view UNet config for 8x8 views, text width 384 (MiniLM)."""
+    return tiny_sd_unet_config(in_channels=3, out_channels=3, cross_attention_dim=384, **overrides)
+
+
+def make_tiny_pipeline(seed: int = 0, max_length: int = 8):
+    """A real MVDreamPipeline: tiny random MultiViewUNet, the real MiniLM, pixel codec, DDIM."""
+    from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
+
+    config = ModelConfig(
+        name="test-tiny",
+        source="init",
+        unet=tiny_pixel_unet_config(),
+        text_encoder={"kind": "minilm", "max_length": max_length},
+    )
+    return build_pipeline(config, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    return make_tiny_pipeline()

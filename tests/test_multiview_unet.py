@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_sd_unet_config
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from conftest import tiny_sd_unet_config
 from mvdream_platform.models import MultiViewUNet
 from mvdream_platform.models.attention import MultiViewAttnProcessor
 

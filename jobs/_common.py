@@ -1,0 +1,34 @@
+"""Glue shared by the Hydra entry points: config -> library dataclasses, device, run records.
+
+Lives beside the jobs (not in the library) because it is the only code that touches OmegaConf.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mvdream_platform import storage
+from mvdream_platform.pipelines.loading import ModelConfig
+
+
+def model_config_from(node: DictConfig) -> ModelConfig:
+    """The ``model`` config group as a :class:`ModelConfig` (unknown keys are an error)."""
+    values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    known = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+    return ModelConfig(**values)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def save_resolved_config(cfg: DictConfig, out: str) -> None:
+    """Write the fully resolved config as ``config.yaml`` into the job's output folder."""
+    storage.write_text(storage.join(out, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))

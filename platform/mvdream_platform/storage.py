@@ -1,0 +1,134 @@
+"""File I/O through fsspec: local paths and any URL fsspec knows (memory://, s3://, gs://, ...).
+
+Every job reads and writes through these few functions so that a local folder and an object
+store behave the same. Writes are atomic: a reader never sees a half-written file or folder
+(write to a temporary name, then rename; on stores without rename, the "commit" is the last
+file written, see :func:`put_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    uri = os.fspath(uri)
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str | os.PathLike) -> str:
+    """A local filesystem path for a local ``uri`` (``file://`` stripped)."""
+    uri = os.fspath(uri)
+    if not is_local(uri):
+        raise ValueError(f"not a local path: {uri!r}")
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a path or URL with ``/``."""
+    out = os.fspath(uri).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    fs, path = url_to_fs(os.fspath(uri))
+    return fs.exists(path)
+
+
+def makedirs(uri: str | os.PathLike) -> None:
+    fs, path = url_to_fs(os.fspath(uri))
+    fs.makedirs(path, exist_ok=True)
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (temp name in the same folder, then move)."""
+    uri = os.fspath(uri)
+    fs, path = url_to_fs(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    with fsspec.open(os.fspath(uri), "rb") as f:
+        return f.read()
+
+
+def write_json(uri: str | os.PathLike, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    return json.loads(read_bytes(uri).decode())
+
+
+def write_text(uri: str | os.PathLike, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def put_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
+    """Copy a finished local folder to ``uri`` so that it appears complete or not at all.
+
+    Local target: copy to a temporary sibling, then one rename. Remote target: upload every
+    file; ``model_index.json``/``config.json`` files at the top go last, so a loader that keys on
+    them never sees a folder whose weights are still uploading.
+    """
+    local_dir, uri = Path(local_dir), os.fspath(uri)
+    if is_local(uri):
+        target = Path(local_path(uri))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(local_dir, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return
+    fs, root = url_to_fs(uri)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    last = {"model_index.json", "config.json"}
+    files.sort(key=lambda p: (p.parent == local_dir and p.name in last, str(p)))
+    for file in files:
+        rel = file.relative_to(local_dir).as_posix()
+        dest = f"{root.rstrip('/')}/{rel}"
+        fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(file), dest)
+
+
+def get_dir(uri: str | os.PathLike, cache_root: str | os.PathLike | None = None) -> str:
+    """A local folder with the content of ``uri``: the path itself when local, else a download.
+
+    Remote folders are copied into ``cache_root`` (default: a fresh temporary folder).
+    """
+    uri = os.fspath(uri)
+    if is_local(uri):
+        path = local_path(uri)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no such folder: {path!r}")
+        return path
+    fs, root = url_to_fs(uri)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"no such folder: {uri!r}")
+    dest = Path(tempfile.mkdtemp(prefix="mvdream-", dir=cache_root))
+    root = root.rstrip("/")
+    for remote in fs.find(root):
+        rel = remote[len(root) :].lstrip("/")
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(target))
+    return str(dest)

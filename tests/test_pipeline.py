@@ -1,0 +1,114 @@
+"""MVDreamPipeline: shapes, batching, CFG with cameras, determinism, persistence, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import make_tiny_pipeline
+from diffusers import EulerDiscreteScheduler
+
+from mvdream_platform.cameras import get_camera
+from mvdream_platform.pipelines import MVDreamPipeline
+
+
+def _run(pipe, prompt="a red cube", seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("output_type", "np")
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_output_types_group_images_per_prompt(tiny_pipeline):
+    prompts = ["a red cube", "a blue sphere"]
+    np_out = _run(tiny_pipeline, prompts, num_views=4)
+    assert np_out.images.shape == (2, 4, 8, 8, 3) and np_out.images.dtype == np.float32
+    assert 0.0 <= np_out.images.min() and np_out.images.max() <= 1.0
+    torch.testing.assert_close(np_out.cameras, get_camera(4, elevation=15, azimuth_start=0))
+    pt_out = _run(tiny_pipeline, prompts, num_views=4, output_type="pt")
+    assert pt_out.images.shape == (2, 4, 3, 8, 8)
+    np.testing.assert_allclose(pt_out.images.permute(0, 1, 3, 4, 2).numpy(), np_out.images, atol=1e-6)
+    pil_out = _run(tiny_pipeline, prompts, num_views=2, output_type="pil")
+    assert len(pil_out.images) == 2 and all(len(group) == 2 for group in pil_out.images)
+    assert isinstance(pil_out.images[0][0], PIL.Image.Image) and pil_out.images[0][0].size == (8, 8)
+
+
+def test_same_seed_same_images_other_seed_other_images(tiny_pipeline):
+    a = _run(tiny_pipeline, seed=1).images
+    b = _run(tiny_pipeline, seed=1).images
+    c = _run(tiny_pipeline, seed=2).images
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_one_batched_forward_per_step_with_the_camera_in_both_branches(tiny_pipeline):
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append({"batch": args[0].shape[0], "camera": kwargs["camera"], "frames": kwargs["num_frames"],
+                      "context": args[2]})
+
+    handle = tiny_pipeline.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        _run(tiny_pipeline, ["a red cube", "a blue sphere", "a green cone"], num_views=4,
+             num_inference_steps=3, guidance_scale=5.0, elevation=20, azimuth_start=30)
+        with_cfg = list(calls)
+        calls.clear()
+        _run(tiny_pipeline, ["a red cube"], num_views=2, num_inference_steps=2, guidance_scale=1.0)
+    finally:
+        handle.remove()
+    assert len(with_cfg) == 3  # one forward per step for every prompt, view and branch
+    first = with_cfg[0]
+    assert first["batch"] == 2 * 3 * 4 and first["frames"] == 4
+    uncond_cam, cond_cam = first["camera"].chunk(2)
+    assert torch.equal(uncond_cam, cond_cam)  # same cameras in both CFG branches
+    expected = get_camera(4, elevation=20, azimuth_start=30).repeat(3, 1)
+    torch.testing.assert_close(cond_cam, expected)
+    uncond_ctx, cond_ctx = first["context"].chunk(2)
+    assert torch.equal(uncond_ctx[0], uncond_ctx[-1])  # the empty negative prompt everywhere
+    assert torch.equal(cond_ctx[0], cond_ctx[3]) and not torch.equal(cond_ctx[0], cond_ctx[4])
+    assert len(calls) == 2 and calls[0]["batch"] == 2  # guidance 1: a single branch
+
+
+def test_guidance_changes_the_result_and_negative_prompts_are_used(tiny_pipeline):
+    plain = _run(tiny_pipeline, guidance_scale=1.0).images
+    guided = _run(tiny_pipeline, guidance_scale=7.5).images
+    negative = _run(tiny_pipeline, guidance_scale=7.5, negative_prompt="a blue sphere").images
+    assert np.abs(plain - guided).max() > 1e-3
+    assert np.abs(guided - negative).max() > 1e-3
+
+
+def test_pipeline_save_and_load_round_trip(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    weights = sum(f.stat().st_size for f in (tmp_path / "pipe").rglob("*") if f.is_file())
+    assert weights < 5e6  # MiniLM's 90 MB come from its package, not the folder
+    loaded = MVDreamPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded.unet).__name__ == "MultiViewUNet"
+    assert np.array_equal(_run(loaded, seed=3).images, _run(tiny_pipeline, seed=3).images)
+
+
+def test_any_diffusers_scheduler_can_be_swapped_in():
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    images = _run(pipe, num_inference_steps=4).images
+    assert images.shape == (1, 4, 8, 8, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_views": 0}, "num_views must be an integer >= 1"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be >= 0"),
+        ({"height": 9}, "height must be a positive multiple of 2"),
+        ({"height": 6.0}, "height must be a positive multiple"),
+        ({"width": 0}, "width must be a positive multiple"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"output_type": "jpg"}, "output_type must be one of"),
+        ({"prompt": []}, "prompt must be a non-empty"),
+        ({"prompt": ["a", "b"], "negative_prompt": ["x"]}, "negative_prompt must be one string"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_them(tiny_pipeline, kwargs, message):
+    prompt = kwargs.pop("prompt", "a red cube")
+    with pytest.raises(ValueError, match=message):
+        _run(tiny_pipeline, prompt, **kwargs)
