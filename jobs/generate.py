@@ -18,8 +18,8 @@ from mvdream_platform.pipelines.loading import build_pipeline
 log = logging.getLogger("generate")
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> dict:
+    """Sample and write; returns the ``generation.json`` record."""
     model_cfg = model_config_from(cfg.model)
     if not model_cfg.trained:
         log.warning("model %r is UNTRAINED (random weights): the images are noise-like; "
@@ -41,6 +41,11 @@ def main(cfg: DictConfig) -> dict:
     log.info("wrote %d prompts x %d views to %s (%.2f s, %.2f views/s)", len(prompts),
              request.num_views, cfg.out, seconds, record["views_per_second"])
     return record
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":

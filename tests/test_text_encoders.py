@@ -147,6 +147,8 @@ def test_clip_save_load_round_trip(sd_folder, tmp_path):
     assert torch.equal(loaded.encode(prompts), encoder.encode(prompts))
     for (name, a), (_, b) in zip(encoder.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+    with pytest.warns(UserWarning, match="hidden_layr"):  # a misspelt option is reported
+        CLIPTextEncoder.from_pretrained(tmp_path / "enc", hidden_layr=-1)
 
 
 def test_clip_from_flat_folder(sd_folder, tmp_path):
@@ -212,6 +214,8 @@ def test_minilm_save_writes_config_only_and_round_trips(minilm, tmp_path):
     assert torch.equal(loaded.encode(["a red cube", ""]), encoder.encode(["a red cube", ""]))
     # The factory recognises a saved encoder folder too.
     assert load_text_encoder("minilm", tmp_path / "enc").max_length == 16
+    half = MiniLMTextEncoder.from_pretrained(tmp_path / "enc", dtype=torch.bfloat16)
+    assert half.encode(["a red cube"]).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------- factory & pipeline

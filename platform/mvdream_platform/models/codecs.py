@@ -156,6 +156,7 @@ class PixelCodec(Codec):
         pretrained_model_name_or_path: PathLike,
         subfolder: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         **loading_kwargs: Any,
     ) -> PixelCodec:
         """Rebuild from a folder written by :meth:`save_pretrained`.
@@ -173,7 +174,12 @@ class PixelCodec(Codec):
                 f"was not written by {cls.__name__}.save_pretrained"
             )
         codec = cls.from_config(cls.load_config(folder))
-        return codec.to(torch_dtype) if torch_dtype is not None else codec
+        dtype = dtype or torch_dtype
+        if dtype is not None:
+            # Only .dtype reports it; set the anchor directly (ModelMixin.to(dtype) logs a
+            # spurious fp32-modules warning).
+            codec._device_anchor = codec._device_anchor.to(dtype)
+        return codec
 
 
 class LatentCodec(Codec):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -217,13 +218,27 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as err:
         if "mmap" not in str(err):  # only the legacy (non-zip) format refuses mmap
-            raise ConversionError(f"cannot read checkpoint {path}: {err}") from err
+            raise _load_error(path, err) from err
     except Exception as err:  # UnpicklingError for non-weights pickles, EOFError for truncation
-        raise ConversionError(f"cannot read checkpoint {path} as weights: {err}") from err
+        raise _load_error(path, err) from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConversionError(f"cannot read checkpoint {path} as weights: {err}") from err
+        raise _load_error(path, err) from err
+
+
+def _load_error(path: Path, err: Exception) -> ConversionError:
+    """A short error for an unloadable checkpoint (torch's own messages run to a page)."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return ConversionError(
+            f"cannot read checkpoint {path} as weights: it pickles Python objects{what}, which "
+            "are not loaded for safety (weights_only=True); re-save its state dict"
+        )
+    first_line = text.splitlines()[0] if text.strip() else "truncated or corrupt file?"
+    return ConversionError(f"cannot read checkpoint {path}: {type(err).__name__}: {first_line}")
 
 
 def split_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -277,6 +292,7 @@ class OfficialUNetSpec:
     scale_shift: bool
     camera_dim: int | None
     image_size: int
+    dropout: float = 0.0
 
     @property
     def levels(self) -> int:
@@ -358,6 +374,7 @@ def parse_unet_params(params: Mapping[str, Any]) -> OfficialUNetSpec:
         scale_shift=bool(params.get("use_scale_shift_norm", False)),
         camera_dim=None if camera_dim is None else int(camera_dim),
         image_size=int(params.get("image_size", 32)),
+        dropout=float(params.get("dropout", 0.0)),
     )
 
 
@@ -418,6 +435,7 @@ def unet_config_from_official(spec: OfficialUNetSpec) -> dict:
         # The official embedding is [cos, sin] of t * 10000^(-i/half): diffusers' SD setting.
         "flip_sin_to_cos": True,
         "freq_shift": 0,
+        "dropout": spec.dropout,  # ResBlock dropout (training only)
     }
 
 

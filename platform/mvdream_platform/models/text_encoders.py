@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,14 @@ _IGNORED_PIPELINE_LOADING_KWARGS = frozenset(
 
 
 def _check_loading_kwargs(cls_name: str, kwargs: dict[str, Any]) -> None:
+    # Warn rather than raise: a newer diffusers may pass a new loading option, and that must not
+    # break loading a saved pipeline; a misspelt argument still shows up in the warning.
     unknown = sorted(set(kwargs) - _IGNORED_PIPELINE_LOADING_KWARGS)
     if unknown:
-        raise TypeError(f"{cls_name}.from_pretrained got unexpected keyword arguments {unknown}")
+        warnings.warn(
+            f"{cls_name}.from_pretrained: ignoring unexpected keyword arguments {unknown}",
+            stacklevel=3,
+        )
 
 
 def _existing_dir(path: PathLike, what: str) -> Path:
@@ -277,6 +283,7 @@ class CLIPTextEncoder(TextEncoder):
         torch_dtype: torch.dtype | None = None,
         max_length: int | None = None,
         hidden_layer: int | None = None,
+        dtype: torch.dtype | None = None,
         **loading_kwargs: Any,
     ) -> CLIPTextEncoder:
         """Load from a local folder in one of two layouts.
@@ -289,7 +296,8 @@ class CLIPTextEncoder(TextEncoder):
         Args:
             pretrained_model_name_or_path: the local folder.
             subfolder: optional subfolder of it to read instead.
-            torch_dtype: parameter dtype (default float32).
+            torch_dtype: parameter dtype (default float32); ``dtype`` is an alias (newer
+                diffusers name).
             max_length, hidden_layer: override the saved values / defaults.
             **loading_kwargs: DiffusionPipeline's loading options (accepted, ignored).
         """
@@ -327,7 +335,7 @@ class CLIPTextEncoder(TextEncoder):
 
         # local_files_only: never reach for a model hub, even when a name looks like a hub id.
         text_model = CLIPTextModel.from_pretrained(model_dir, local_files_only=True)
-        text_model = text_model.to(torch_dtype or torch.float32)
+        text_model = text_model.to(dtype or torch_dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(
             max_length=max_length,
@@ -429,6 +437,7 @@ class MiniLMTextEncoder(TextEncoder):
         pretrained_model_name_or_path: PathLike,
         subfolder: str | None = None,
         torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         **loading_kwargs: Any,
     ) -> MiniLMTextEncoder:
         """Rebuild from a folder written by :meth:`save_pretrained`.
@@ -436,7 +445,7 @@ class MiniLMTextEncoder(TextEncoder):
         Args:
             pretrained_model_name_or_path: the local folder holding ``config.json``.
             subfolder: optional subfolder of it to read instead.
-            torch_dtype: parameter dtype (default float32).
+            torch_dtype: parameter dtype (default float32); ``dtype`` is an alias.
             **loading_kwargs: DiffusionPipeline's loading options (accepted, ignored).
         """
         _check_loading_kwargs(cls.__name__, loading_kwargs)
@@ -451,8 +460,10 @@ class MiniLMTextEncoder(TextEncoder):
                 f"was not written by {cls.__name__}.save_pretrained"
             )
         encoder = cls.from_config(config)
-        if torch_dtype is not None:
-            encoder = encoder.to(torch_dtype)
+        dtype = dtype or torch_dtype
+        if dtype is not None:
+            # Cast the inner model: ModelMixin.to(dtype) logs a spurious fp32-modules warning.
+            encoder.text_model.to(dtype)
         return encoder
 
 
