@@ -6,24 +6,10 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from mvdream_platform.models.codecs import Codec, LatentCodec, PixelCodec, load_codec
-
-
-def _tiny_vae(scaling_factor: float = 0.3) -> AutoencoderKL:
-    """Two encoder blocks (downscale 2), 4 latent channels, random weights."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=scaling_factor,
-    ).eval()
+from tiny_models import tiny_vae as _tiny_vae
 
 
 @pytest.fixture()

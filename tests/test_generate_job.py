@@ -7,8 +7,8 @@ import json
 import fsspec
 import numpy as np
 import PIL.Image
-from jobs_helpers import compose, import_job, run_job
 
+from jobs_helpers import compose, import_job, run_job
 from mvdream_platform import storage
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_pipeline
 from diffusers import EulerDiscreteScheduler
 
+from conftest import make_tiny_pipeline
 from mvdream_platform.cameras import get_camera
 from mvdream_platform.pipelines import MVDreamPipeline
 
@@ -112,3 +112,45 @@ def test_bad_arguments_raise_value_errors_naming_them(tiny_pipeline, kwargs, mes
     prompt = kwargs.pop("prompt", "a red cube")
     with pytest.raises(ValueError, match=message):
         _run(tiny_pipeline, prompt, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_folder(tmp_path_factory):
+    from tiny_models import write_tiny_sd_folder
+
+    return write_tiny_sd_folder(tmp_path_factory.mktemp("sd21"))
+
+
+def test_inflating_a_stable_diffusion_folder_gives_a_latent_multiview_pipeline(tiny_sd_folder, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
+
+    config = ModelConfig(name="sd", source="sd", path=str(tiny_sd_folder), codec="latent",
+                         text_encoder={"kind": "clip", "hidden_layer": -1})
+    pipe = build_pipeline(config)
+    assert type(pipe.codec).__name__ == "LatentCodec" and type(pipe.text_encoder).__name__ == "CLIPTextEncoder"
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_folder / "unet")
+    assert all(torch.equal(v, pipe.unet.unet.state_dict()[k]) for k, v in base.state_dict().items())
+    out = _run(pipe, ["a red cat", "a dog"], num_views=4, height=16, width=16)
+    assert out.images.shape == (2, 4, 16, 16, 3)
+    assert pipe.default_size == 16  # unet sample 8 x VAE factor 2
+    with pytest.raises(ValueError, match="multiple of 4"):
+        _run(pipe, height=18, width=16)
+    pipe.save_pretrained(tmp_path / "mv")
+    again = MVDreamPipeline.from_pretrained(tmp_path / "mv")
+    assert np.array_equal(_run(again, seed=5, height=16, width=16).images,
+                          _run(pipe, seed=5, height=16, width=16).images)
+
+
+def test_model_config_errors_name_the_field():
+    from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
+
+    with pytest.raises(ValueError, match="model.source must be one of"):
+        build_pipeline(ModelConfig(source="hub"))
+    with pytest.raises(ValueError, match="model.path is required"):
+        build_pipeline(ModelConfig(source="pipeline"))
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        build_pipeline(ModelConfig(source="init", unet={"sample_size": 8, "cross_attention_dim": 7}))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        build_pipeline(ModelConfig(source="pipeline", path="./no/such/folder"))

