@@ -301,7 +301,7 @@ def test_convert_checkpoint_writes_loadable_folders(tmp_path):
     assert record["keys"]["unet"] == n_unet
     assert record["keys"]["vae"] == len(OfficialLayoutVAE(**VAE_TINY).state_dict())
     assert record["keys"]["text_encoder_not_converted"] == 1
-    assert record["keys"]["other_ignored"] == ["betas"]
+    assert record["keys"]["other_ignored_names"] == ["betas"]
     assert record["source"]["nested_under"] == "state_dict"
     assert record["scheduler"]["beta_schedule"] == "scaled_linear"
 

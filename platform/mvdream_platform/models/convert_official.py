@@ -746,7 +746,9 @@ def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathL
             "vae": len(vae_state),
             "vae_ignored_loss": len(parts["vae"]) - len(vae_state),
             "text_encoder_not_converted": len(parts["text_encoder"]),
-            "other_ignored": sorted(parts["other"]),
+            # Diffusion buffers (betas, ...) and EMA copies; names capped to keep the record small.
+            "other_ignored": len(parts["other"]),
+            "other_ignored_names": sorted(parts["other"])[:50],
         },
         "unet": {"parameters": sum(p.numel() for p in unet.parameters()),
                  "config": _jsonable(dict(unet.config))},

@@ -92,7 +92,10 @@ def build_pipeline(config: ModelConfig, device: str | torch.device = "cpu", seed
         pipe = _initialise(config, seed)
     if config.attention_mode is not None:
         pipe.unet.set_attention_mode(config.attention_mode)
-    return pipe.to(device=device, dtype=DTYPES[config.dtype])
+    pipe = pipe.to(device)
+    if DTYPES[config.dtype] != torch.float32:  # casting float32 to itself only adds warnings
+        pipe = pipe.to(dtype=DTYPES[config.dtype])
+    return pipe
 
 
 def _initialise(config: ModelConfig, seed: int) -> MVDreamPipeline:
