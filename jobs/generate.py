@@ -11,9 +11,10 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from _common import model_config_from, pick_device, save_resolved_config
 from mvdream_platform.generation import GenerationRequest, generate, write_generation
 from mvdream_platform.pipelines.loading import build_pipeline
+
+from _common import model_config_from, pick_device, save_resolved_config
 
 log = logging.getLogger("generate")
 

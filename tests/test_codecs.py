@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from mvdream_platform.models.codecs import Codec, LatentCodec, PixelCodec, load_codec
+
 from tiny_models import tiny_vae as _tiny_vae
 
 

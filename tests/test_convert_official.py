@@ -35,6 +35,7 @@ from mvdream_platform.models.convert_official import (
     unet_config_from_official,
     vae_config_from_official,
 )
+
 from official_reference import (
     OfficialLayoutUNet,
     OfficialLayoutVAE,
@@ -371,6 +372,43 @@ def test_cli(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "resblock_updown" in err and "\n" not in err
     assert not (tmp_path / "p").exists()
+
+
+def test_text_encoder_makes_a_complete_pipeline_that_generate_loads(tmp_path):
+    from mvdream_platform.pipelines import MVDreamPipeline
+
+    from jobs_helpers import compose, import_job
+    from tiny_models import CLIP_DIM, write_clip
+
+    params = dict(SD2_TINY, context_dim=CLIP_DIM)
+    ckpt, cfg = write_inputs(tmp_path, full_checkpoint(params), official_config(params))
+    write_clip(tmp_path / "sd21")
+    out = tmp_path / "mvdream"
+    cli = load_cli()
+    argv = ["--ckpt", str(ckpt), "--config", str(cfg), "--out", str(out),
+            "--text-encoder", str(tmp_path / "sd21")]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "codec", "conversion.json", "model_index.json", "scheduler", "text_encoder", "unet"]
+    pipe = MVDreamPipeline.from_pretrained(out)
+    assert pipe.codec.scaling_factor == 0.18215
+    assert pipe.scheduler.config.steps_offset == 1 and not pipe.scheduler.config.set_alpha_to_one
+    errors = unet_errors(pipe.unet.eval(), reference_unet(params), params)
+    assert max(errors.values()) < TOLERANCE, errors
+
+    job = import_job("generate")
+    record = job.run(compose("generate", [
+        "model=mvdream_official", f"model.path={out}", "steps=2", "num_views=4",
+        "prompt=a red cat", 'prompt_suffix=", 3d asset"', f"out={tmp_path / 'gen'}"]))
+    assert record["image_shape"] == [1, 4, 16, 16, 3]
+    assert record["request"]["prompt_suffix"] == ", 3d asset"
+
+    wrong = dict(SD2_TINY)  # context_dim 24 != the text encoder's 32
+    (tmp_path / "w").mkdir()
+    ckpt, cfg = write_inputs(tmp_path / "w", full_checkpoint(wrong), official_config(wrong))
+    with pytest.raises(ConversionError, match="context_dim"):
+        convert_checkpoint(ckpt, cfg, tmp_path / "never", text_encoder_path=tmp_path / "sd21")
+    assert not (tmp_path / "never").exists()
 
 
 # ---------------------------------------------------------------------------------------------

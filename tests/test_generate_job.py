@@ -8,8 +8,9 @@ import fsspec
 import numpy as np
 import PIL.Image
 
-from jobs_helpers import compose, import_job, run_job
 from mvdream_platform import storage
+
+from jobs_helpers import compose, import_job, run_job
 
 
 def test_generate_job_writes_views_grid_and_record(tmp_path):

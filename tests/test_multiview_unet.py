@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from conftest import tiny_sd_unet_config
 from mvdream_platform.models import MultiViewUNet
 from mvdream_platform.models.attention import MultiViewAttnProcessor
+
+from conftest import tiny_sd_unet_config
 
 
 def _inputs(n=4, tokens=5, seed=1):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from conftest import make_tiny_pipeline
 from mvdream_platform.cameras import get_camera
 from mvdream_platform.pipelines import MVDreamPipeline
+
+from conftest import make_tiny_pipeline
 
 
 def _run(pipe, prompt="a red cube", seed=0, **kwargs):

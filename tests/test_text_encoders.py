@@ -20,6 +20,7 @@ from mvdream_platform.models.text_encoders import (
     TextEncoder,
     load_text_encoder,
 )
+
 from tiny_models import CLIP_DIM, CLIP_LAYERS, CLIP_LEN, write_clip
 
 

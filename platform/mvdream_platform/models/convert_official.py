@@ -142,6 +142,8 @@ class ConversionResult:
         out_dir: where the outputs were written (path or URI), or ``None`` if not written.
         text_encoder_keys: how many ``cond_stage_model.*`` tensors the checkpoint held (the
             text encoder is not converted: SD's own text encoder is loaded separately).
+        text_encoder: the SD text encoder loaded from ``text_encoder_path``, or ``None``. With it
+            and a VAE, the output is a complete :class:`MVDreamPipeline` folder.
     """
 
     unet: MultiViewUNet
@@ -150,6 +152,7 @@ class ConversionResult:
     record: dict
     out_dir: str | None = None
     text_encoder_keys: int = 0
+    text_encoder: Any = None  # a CLIPTextEncoder when a text-encoder folder was given
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +696,8 @@ def scheduler_config_from_official(config: Mapping[str, Any]) -> dict:
 
 def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathLike,
                        out_dir: str | os.PathLike | None = None, *, overwrite: bool = False,
-                       dtype: torch.dtype = torch.float32) -> ConversionResult:
+                       dtype: torch.dtype = torch.float32,
+                       text_encoder_path: str | os.PathLike | None = None) -> ConversionResult:
     """Convert an official MVDream checkpoint + config; optionally write it to ``out_dir``.
 
     ``ckpt_path``/``config_path`` are local files (the checkpoint is memory-mapped);
@@ -701,6 +705,12 @@ def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathL
     (``MultiViewUNet.from_pretrained``), ``out_dir/vae`` when the checkpoint has a VAE, and
     ``out_dir/conversion.json``, all at once (see :func:`write_conversion`). An existing
     non-empty ``out_dir`` is an error unless ``overwrite``.
+
+    ``text_encoder_path``: a diffusers SD folder (or URI) whose ``text_encoder/`` +
+    ``tokenizer/`` match the checkpoint (SD 2.1-base for ``sd-v2.1-base-4view``). With it and a
+    VAE in the checkpoint, ``out_dir`` becomes a complete ``MVDreamPipeline`` folder
+    (``model_index.json``, ``unet/``, ``codec/`` holding the VAE, ``text_encoder/``,
+    ``scheduler/``) instead of ``unet/`` + ``vae/``.
 
     Raises:
         ConversionError: (a ``ValueError``) unreadable or mismatched checkpoint, unsupported
@@ -758,8 +768,14 @@ def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathL
         "dtype": str(dtype).removeprefix("torch."),
         "versions": _versions(),
     }
+    text_encoder = None
+    if text_encoder_path is not None:
+        text_encoder = _load_text_encoder(text_encoder_path, spec.context_dim)
+        record["text_encoder"] = {"path": os.fspath(text_encoder_path), "dim": text_encoder.dim,
+                                  "max_length": text_encoder.max_length}
     result = ConversionResult(unet=unet, vae=vae, scheduler_config=scheduler_config,
-                              record=record, text_encoder_keys=len(parts["text_encoder"]))
+                              record=record, text_encoder_keys=len(parts["text_encoder"]),
+                              text_encoder=text_encoder)
     if out_dir is not None:
         write_conversion(result, out_dir, overwrite=overwrite)
     return result
@@ -795,10 +811,52 @@ def write_conversion(result: ConversionResult, out_dir: str | os.PathLike, *,
 
 def _write_folder(result: ConversionResult, folder: Path) -> None:
     folder.mkdir()
-    result.unet.save_pretrained(folder / "unet")
-    if result.vae is not None:
-        result.vae.save_pretrained(folder / "vae")
+    if result.vae is not None and result.text_encoder is not None:
+        build_pipeline(result).save_pretrained(folder)
+        result.record["layout"] = "pipeline"
+    else:
+        result.unet.save_pretrained(folder / "unet")
+        if result.vae is not None:
+            result.vae.save_pretrained(folder / "vae")
+        result.record["layout"] = "unet+vae" if result.vae is not None else "unet"
     (folder / "conversion.json").write_text(json.dumps(result.record, indent=2) + "\n")
+
+
+def build_pipeline(result: ConversionResult):
+    """An :class:`MVDreamPipeline` from a conversion that has a VAE and a text encoder.
+
+    The scheduler is DDIM on the checkpoint's schedule with the official sampler's choices:
+    timesteps 1, 1+c, ... (``steps_offset=1``), the final step to alpha_bar[0]
+    (``set_alpha_to_one=False``) and no clipping of x0 (latent space).
+    """
+    from diffusers import DDIMScheduler
+
+    from ..pipelines import MVDreamPipeline
+    from .codecs import LatentCodec
+
+    if result.vae is None or result.text_encoder is None:
+        raise ConversionError("a pipeline needs both a VAE (in the checkpoint) and a text encoder")
+    codec = LatentCodec.from_vae(result.vae)  # scaling_factor from the config's scale_factor
+    scheduler = DDIMScheduler(**result.scheduler_config, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return MVDreamPipeline(unet=result.unet, text_encoder=result.text_encoder, codec=codec,
+                           scheduler=scheduler)
+
+
+def _load_text_encoder(path: str | os.PathLike, context_dim: int):
+    """The CLIP text encoder of an SD folder; its width must match the UNet's context."""
+    from .text_encoders import CLIPTextEncoder
+
+    try:
+        encoder = CLIPTextEncoder.from_pretrained(storage.get_dir(path))
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise ConversionError(f"text encoder {os.fspath(path)!r} could not be loaded: {err}") from err
+    if encoder.dim != context_dim:
+        raise ConversionError(
+            f"text encoder {os.fspath(path)!r} has width {encoder.dim} but the UNet's context_dim "
+            f"is {context_dim}; use the SD version the checkpoint was fine-tuned from"
+        )
+    return encoder
 
 
 def _check_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
