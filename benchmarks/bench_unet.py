@@ -24,6 +24,18 @@ from mvdream_platform.models import MultiViewUNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+
+
+def sd_shaped(widths: tuple[int, ...], heads: tuple[int, ...]) -> dict:
+    """An SD-2.1-layout latent UNet config (4 levels, cross-attention on the first 3)."""
+    unet = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=widths,
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                cross_attention_dim=1024, attention_head_dim=heads, use_linear_projection=True)
+    return dict(unet=unet, channels=4, size=32, tokens=77, text_dim=1024)
+
+
 CONFIGS = {
     # conf/model/tiny.yaml's UNet: pixel space, 32x32 RGB, MiniLM width 384.
     "tiny": dict(
@@ -36,25 +48,12 @@ CONFIGS = {
         channels=3, size=32, tokens=32, text_dim=384,
     ),
     # SD 2.1's shape at 1/5 width: 4 levels, attention on the first 3, 32-d heads, 32x32 latents.
-    "sd_small": dict(
-        unet=dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-                  block_out_channels=(64, 128, 256, 256),
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  cross_attention_dim=1024, attention_head_dim=(2, 4, 8, 8), norm_num_groups=32,
-                  use_linear_projection=True),
-        channels=4, size=32, tokens=77, text_dim=1024,
-    ),
-    # The real SD 2.1-base UNet at 256 px (32x32 latents); only sensible on a GPU.
-    "sd21": dict(
-        unet=dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-                  block_out_channels=(320, 640, 1280, 1280),
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                  use_linear_projection=True),
-        channels=4, size=32, tokens=77, text_dim=1024,
-    ),
+    "sd_small": sd_shaped((64, 128, 256, 256), heads=(2, 4, 8, 8)),
+    # SD 2.1's shape at 1/2 width (32-d heads): shows how the 3d overhead shrinks with width,
+    # since convolutions and projections grow with C^2 while attention grows with tokens^2 * C.
+    "sd_half": sd_shaped((160, 320, 640, 640), heads=(5, 10, 20, 20)),
+    # The real SD 2.1-base UNet at 256 px (32x32 latents, 64-d heads).
+    "sd21": sd_shaped((320, 640, 1280, 1280), heads=(5, 10, 20, 20)),
 }
 MODES = ("3d", "temporal", "2d")
 FRAMES = 4
@@ -142,7 +141,7 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["tiny", "sd_small"], choices=sorted(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["tiny", "sd_small", "sd_half"], choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--objects", type=int, default=2, help="B; the batch is B*4 views")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

