@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import tempfile
@@ -299,7 +300,10 @@ def _run(todo: list[ObjectSpec], settings: RenderSettings, out_uri: str, backend
         for spec in todo:
             yield _render_task(spec, settings, out_uri)
     elif backend == "process":
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        # spawn, not fork: forking a process whose torch/OpenMP or Embree threads already run
+        # can deadlock the children.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), mp_context=context) as pool:
             futures = [pool.submit(_render_task, s, settings, out_uri) for s in todo]
             for future in as_completed(futures):
                 yield future.result()
