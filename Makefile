@@ -26,6 +26,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_unet.py
+	$(PY) benchmarks/bench_render.py
+	$(PY) benchmarks/bench_data.py
 
 lint: setup
 	$(PY) -m ruff check platform jobs tests benchmarks dashboards

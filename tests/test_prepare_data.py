@@ -91,14 +91,18 @@ def test_meshes_with_a_broken_file_are_counted_not_fatal(tmp_path):
     for name in ("Duck.glb", "teapot.stl"):
         shutil.copy(MESHES / name, src / name)
     (src / "teapot.txt").write_text("a white teapot")
+    shutil.copy(MESHES / "bunny.ply", src / "bunny.ply")  # a y-up scan in a z-up format
+    (src / "bunny.json").write_text(json.dumps({"caption": "a stanford bunny", "up_axis": "y"}))
     (src / "broken.glb").write_bytes(b"glTF but not really")
     summary = _prepare("source=meshes", f"input={src}", "views=4", "resolution=32",
                        "backend=serial", f"out={tmp_path / 'out'}")
-    assert summary["rendered"] == 2 and summary["failed"] == 1
+    assert summary["rendered"] == 3 and summary["failed"] == 1
     assert summary["failures"][0]["object_id"].startswith("broken-")
     entries = [json.loads(x) for x in (tmp_path / "out" / layout.MANIFEST).read_text().splitlines()]
     captions = sorted(e["caption"] for e in entries)
-    assert captions == ["a duck", "a white teapot"]
+    assert captions == ["a duck", "a stanford bunny", "a white teapot"]
+    bunny = next(e for e in entries if e["caption"] == "a stanford bunny")
+    assert bunny["attributes"]["normalization"]["up_axis"] == "y"
 
 
 def test_builtin_text_image_shards(tmp_path):

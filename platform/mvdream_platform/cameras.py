@@ -54,7 +54,7 @@ AngleLike = torch.Tensor | Number | Sequence[Number]
 
 # Y-up world (x, y, z) -> z-up world (x, -z, y). A proper rotation (det +1) of the world, so
 # left-multiplying a c2w by it turns the whole scene without changing any camera's own axes.
-_Y_UP_TO_Z_UP = ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, -1.0, 0.0), (0.0, 1.0, 0.0, 0.0),
+Y_UP_TO_Z_UP = ((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, -1.0, 0.0), (0.0, 1.0, 0.0, 0.0),
                  (0.0, 0.0, 0.0, 1.0))
 
 
@@ -168,7 +168,7 @@ def get_camera(num_frames: int, elevation: float = 15, azimuth_start: float = 0,
                             torch.cos(elev) * torch.cos(azimuth)], dim=-1)
     c2w = look_at(eye_y_up, up=(0.0, 1.0, 0.0))
     if blender_coord:
-        c2w = torch.tensor(_Y_UP_TO_Z_UP, dtype=dt) @ c2w
+        c2w = torch.tensor(Y_UP_TO_Z_UP, dtype=dt) @ c2w
     return c2w.reshape(num_frames, 16).to(device=device, dtype=torch.float32)
 
 

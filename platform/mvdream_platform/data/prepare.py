@@ -127,7 +127,9 @@ def plan_meshes(input_glob: str, captions: dict[str, str] | None = None,
     """Specs for every mesh file matching ``input_glob`` (a local glob or fsspec URL glob).
 
     Captions come from ``captions`` (keyed by file stem or name), else a sidecar
-    ``<stem>.txt`` next to the mesh, else the file name ("BoxTextured.glb" -> "a box textured").
+    ``<stem>.json`` ({"caption", "up_axis"}) or ``<stem>.txt`` next to the mesh, else the file
+    name ("BoxTextured.glb" -> "a box textured"). ``up_axis`` applies to files whose
+    ``<stem>.json`` does not set one.
     """
     paths = sorted(p for p in _glob(input_glob) if p.lower().endswith(MESH_SUFFIXES))
     if not paths:
@@ -137,14 +139,36 @@ def plan_meshes(input_glob: str, captions: dict[str, str] | None = None,
     for index, path in enumerate(paths):
         name = path.rstrip("/").rsplit("/", 1)[-1]
         stem = name.rsplit(".", 1)[0]
-        caption = captions.get(name) or captions.get(stem) or _sidecar_caption(path) or caption_from_name(stem)
+        meta = _sidecar_metadata(path)
+        caption = (captions.get(name) or captions.get(stem) or meta.get("caption")
+                   or _sidecar_caption(path) or caption_from_name(stem))
         object_id = _object_id_for_path(stem, path)
         if object_id in seen:  # two files with one stem in one folder (a.glb, a.obj)
             object_id = f"{object_id}-{index}"
         seen.add(object_id)
         specs.append(ObjectSpec(object_id=object_id, kind="mesh", index=index, path=path,
-                                caption=caption, up_axis=up_axis))
+                                caption=caption, up_axis=meta.get("up_axis", up_axis)))
     return specs
+
+
+def _sidecar_metadata(path: str) -> dict[str, Any]:
+    """``<stem>.json`` next to a mesh: {"caption": ..., "up_axis": "y"|"z"} for that file.
+
+    Files that break the format's usual up axis (a y-up PLY scan, a z-up OBJ export) are common,
+    and one ``up_axis`` for a whole glob cannot serve them all.
+    """
+    sidecar = path.rsplit(".", 1)[0] + ".json"
+    if not storage.exists(sidecar):
+        return {}
+    try:
+        meta = json.loads(storage.read_bytes(sidecar).decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"mesh metadata {sidecar}: not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"mesh metadata {sidecar}: expected a JSON object")
+    if meta.get("up_axis", "auto") not in ("auto", "y", "z"):
+        raise ValueError(f"mesh metadata {sidecar}: up_axis must be auto, y or z, got {meta['up_axis']!r}")
+    return meta
 
 
 def caption_from_name(stem: str) -> str:

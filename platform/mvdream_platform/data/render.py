@@ -48,7 +48,7 @@ import trimesh
 
 # The y-up -> z-up world turn MVDream's cameras use ((x, y, z) -> (x, -z, y)), shared so that
 # meshes and cameras can never disagree about it.
-from ..cameras import _Y_UP_TO_Z_UP, get_rays
+from ..cameras import Y_UP_TO_Z_UP, get_rays
 
 __all__ = [
     "DEFAULT_GREY",
@@ -71,7 +71,7 @@ LIGHT_FRAMES = ("camera", "world")
 # glTF is y-up by its specification; OBJ has no rule but Blender, Maya and most exporters
 # write y-up. Everything else (STL, PLY, OFF) comes mostly from CAD/scanning tools: z-up.
 _Y_UP_FILE_TYPES = ("glb", "gltf", "obj")
-_Y_TO_Z = np.asarray(_Y_UP_TO_Z_UP, dtype=np.float64)[:3, :3]
+_Y_TO_Z = np.asarray(Y_UP_TO_Z_UP, dtype=np.float64)[:3, :3]
 # Rays per intersect call: large enough to amortise the per-call overhead over many views
 # (256 views at 64x64), small enough to keep the float arrays of a chunk around 100 MB.
 _MAX_RAYS_PER_CHUNK = 1 << 20
