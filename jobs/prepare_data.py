@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 
 import hydra
-from _common import save_resolved_config
 from omegaconf import DictConfig
 
 from mvdream_platform import storage
 from mvdream_platform.data import datasets, prepare
+
+from _common import save_resolved_config
 
 log = logging.getLogger("prepare_data")
 SOURCES = ("shapes", "meshes", "images")

@@ -326,20 +326,20 @@ def test_validate_multiview_reports_every_problem(tmp_path):
     (tmp_path / OBJECTS_DIR / "zz-rendering" / CAMERAS_FILE).unlink()
     write_object(str(tmp_path), object_record("zz-late", 4, 8))
     report = D.validate_multiview(str(tmp_path))
-    assert report["valid"] is False
-    assert report["listed"] == len(expected) + 2
-    assert report["ok"] == 2 and report["bad"] == len(expected)
-    assert {b["object_id"]: b["reason"] for b in report["bad_records"]} == expected
+    assert report["ok"] is False
+    assert report["objects_listed"] == len(expected) + 2
+    assert report["objects_ok"] == 2 and report["objects_bad"] == len(expected)
+    assert {b["object_id"]: b["reason"] for b in report["bad"]} == expected
     no_cameras = [i for i, reason in expected.items() if reason == "missing_cameras"]
-    assert report["incomplete_ids"] == [*no_cameras, "zz-rendering"]
-    assert report["unlisted_ids"] == ["zz-late"]
-    assert report["incomplete"] == 2 and report["unlisted"] == 1
+    assert report["incomplete"] == [*no_cameras, "zz-rendering"]
+    assert report["unlisted"] == ["zz-late"]
+    assert report["objects_incomplete"] == 2 and report["objects_unlisted"] == 1
     json.dumps(report)  # JSON-able for validation.json
 
     healthy = tmp_path / "healthy"
     write_multiview_fixture(str(healthy), num_objects=2, num_rendered=8)
     report = D.validate_multiview(str(healthy))
-    assert report["valid"] and report["ok"] == 2 and report["bad"] == 0
+    assert report["ok"] and report["objects_ok"] == 2 and report["bad"] == []
 
 
 # ----------------------------------------------------------------------------- text-image
@@ -430,9 +430,9 @@ def test_corrupt_text_image_rows_raise_bad_record_and_validate_reports_them(tmp_
             reasons[error.reason] = reasons.get(error.reason, 0) + 1
     assert reasons == expected
     report = D.validate_text_images(str(tmp_path))
-    assert report["valid"] is False and report["reasons"] == expected
-    assert report["listed"] == 16 and report["ok"] == 16 - sum(expected.values())
-    assert report["bad"] == sum(expected.values()) == len(report["bad_records"])
+    assert report["ok"] is False and report["reasons"] == expected
+    assert report["rows_listed"] == 16 and report["rows_ok"] == 16 - sum(expected.values())
+    assert report["rows_bad"] == sum(expected.values()) == len(report["bad"])
     assert [b["reason"] for b in report["bad_shards"]] == ["bad_shard"]
     json.dumps(report)
 
@@ -449,10 +449,10 @@ def test_memory_round_trip_of_both_layouts():
     item = mv.load(1, 3)
     stored = torch.tensor(records[1].camera_to_world)[item["view_indices"]]
     assert torch.allclose(item["cameras"], normalize_camera(stored))
-    assert D.validate_multiview(f"{root}/mv")["valid"]
+    assert D.validate_multiview(f"{root}/mv")["ok"]
     img = D.TextImageDataset(f"{root}/img", resolution=8)  # manifest lists the parquet only
     assert len(img) == 5 and img[4]["caption"] == rows[4]["caption"]
-    assert D.validate_text_images(f"{root}/img")["valid"]
+    assert D.validate_text_images(f"{root}/img")["ok"]
     fs, path = url_to_fs(root)
     fs.rm(path, recursive=True)
 

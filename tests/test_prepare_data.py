@@ -12,12 +12,13 @@ import numpy as np
 import PIL.Image
 import pyarrow.parquet as pq
 import pytest
-from jobs_helpers import compose, import_job, run_job
 
 from mvdream_platform import storage
 from mvdream_platform.cameras import mvdream_to_orbit_azimuth, orbit_camera_to_world
 from mvdream_platform.data import layout
 from mvdream_platform.data.prepare import BUILTIN_PHOTOS
+
+from jobs_helpers import compose, import_job, run_job
 
 MESHES = Path(os.environ.get("MVDREAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "meshes"
 

@@ -821,12 +821,12 @@ def _check_object(folder: str, num_views: int) -> None:
 def validate_multiview(uri: str, num_views: int = 4) -> dict[str, Any]:
     """Check a whole multi-view folder: every object of the manifest, every view.
 
-    Returns a JSON-able report. Counts: ``listed`` (manifest objects), ``ok``, ``bad``,
-    ``incomplete`` (object folders without cameras.json: renders that never finished),
-    ``unlisted`` (complete folders missing from the manifest), ``reasons`` (bad objects per
-    reason), ``manifest_errors``; ``valid`` is True when nothing is wrong. Details (first
-    1000 each): ``bad_records`` (``{"object_id", "reason", "detail"}``), ``incomplete_ids``,
-    ``unlisted_ids``.
+    Returns a JSON-able report: ``ok`` (bool: nothing is wrong); counts ``objects_listed``
+    (manifest objects), ``objects_ok``, ``objects_bad``, ``objects_incomplete`` (object
+    folders without cameras.json: renders that never finished), ``objects_unlisted``
+    (complete folders missing from the manifest), ``reasons`` (bad objects per reason),
+    ``manifest_errors``; lists (first 1000 each): ``bad`` (``{"object_id", "reason",
+    "detail"}``), ``incomplete``, ``unlisted`` (object ids).
     """
     uri = str(uri).rstrip("/")
     entries, problems = read_multiview_manifest(uri)
@@ -845,11 +845,12 @@ def validate_multiview(uri: str, num_views: int = 4) -> dict[str, Any]:
     n_bad = sum(reasons.values())
     return {
         "uri": uri, "kind": "multiview", "num_views": num_views,
-        "valid": n_bad == 0 and not incomplete and not unlisted and not problems,
-        "listed": len(entries), "ok": len(entries) - n_bad, "bad": n_bad,
-        "incomplete": len(incomplete), "unlisted": len(unlisted), "reasons": dict(reasons),
-        "manifest_errors": dict(problems), "bad_records": bad,
-        "incomplete_ids": incomplete[:_MAX_LISTED], "unlisted_ids": unlisted[:_MAX_LISTED],
+        "ok": n_bad == 0 and not incomplete and not unlisted and not problems,
+        "objects_listed": len(entries), "objects_ok": len(entries) - n_bad,
+        "objects_bad": n_bad, "objects_incomplete": len(incomplete),
+        "objects_unlisted": len(unlisted), "reasons": dict(reasons),
+        "manifest_errors": dict(problems), "bad": bad, "incomplete": incomplete[:_MAX_LISTED],
+        "unlisted": unlisted[:_MAX_LISTED],
     }
 
 
@@ -873,12 +874,12 @@ def _check_rows(shards: list[_ParquetShard | _TarShard]) -> Iterator[tuple[str, 
 def validate_text_images(uri: str) -> dict[str, Any]:
     """Check every row of a text-image folder (image decodes at its declared size, caption).
 
-    Returns a JSON-able report. Counts: ``shards`` (readable), ``listed`` (rows in them),
-    ``ok``, ``bad``, ``reasons`` (bad rows per reason), ``manifest_rows`` (the manifest's row
-    count, None without one), ``listing_problems`` (unreadable shards etc.: their rows are not
-    counted); ``valid`` is True when nothing is wrong. Details: ``bad_records`` (first 1000 of
-    ``{"where", "key", "reason", "detail"}``), ``bad_shards`` (``{"shard", "reason",
-    "detail"}``).
+    Returns a JSON-able report: ``ok`` (bool: nothing is wrong); counts ``shards``
+    (readable), ``rows_listed`` (rows in them), ``rows_ok``, ``rows_bad``, ``reasons`` (bad
+    rows per reason), ``manifest_rows`` (the manifest's row count, None without one),
+    ``listing_problems`` (unreadable shards etc.: their rows are not counted); lists: ``bad``
+    (first 1000 of ``{"where", "key", "reason", "detail"}``), ``bad_shards`` (``{"shard",
+    "reason", "detail"}``).
     """
     uri = str(uri).rstrip("/")
     shards, problems, bad_shards = index_image_shards(uri)
@@ -899,8 +900,8 @@ def validate_text_images(uri: str) -> dict[str, Any]:
     n_bad = sum(reasons.values())
     return {
         "uri": uri, "kind": "images",
-        "valid": n_bad == 0 and not problems and manifest_rows in (None, rows),
-        "shards": len(shards), "listed": rows, "ok": rows - n_bad, "bad": n_bad,
+        "ok": n_bad == 0 and not problems and manifest_rows in (None, rows),
+        "shards": len(shards), "rows_listed": rows, "rows_ok": rows - n_bad, "rows_bad": n_bad,
         "manifest_rows": manifest_rows, "reasons": dict(reasons),
-        "listing_problems": dict(problems), "bad_records": bad, "bad_shards": bad_shards,
+        "listing_problems": dict(problems), "bad": bad, "bad_shards": bad_shards,
     }

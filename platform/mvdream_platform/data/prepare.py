@@ -466,7 +466,8 @@ def prepare_text_images(pairs: Iterable[ImagePair], out_uri: str, rows_per_shard
         name = layout.SHARD_PATTERN.format(index=len(shards))
         table = pa.table({k: [row[k] for row in buffer] for k in ("key", "image", "caption", "width", "height")})
         sink = io.BytesIO()
-        pq.write_table(table, sink)
+        # Small row groups: readers fetch one row group per random access.
+        pq.write_table(table, sink, row_group_size=64)
         storage.write_bytes(storage.join(out_uri, name), sink.getvalue())
         shards.append({"name": name, "rows": len(buffer)})
         buffer.clear()
