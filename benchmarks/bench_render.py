@@ -35,8 +35,7 @@ from mvdream_platform.cameras import orbit_camera_to_world
 from mvdream_platform.data import render
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(os.environ.get("MVDREAM_SHARED_DATA",
-                             Path(__file__).resolve().parents[2] / "shared" / "data"))
+MESHES = Path(__file__).resolve().parents[1] / "tests" / "data" / "meshes"
 FOVY = 40.0
 TARGET = 50.0  # views/s at 64x64, ~1k faces, one core
 # (resolution, antialias) settings measured for every mesh.
@@ -56,7 +55,7 @@ def coloured_icosphere(subdivisions: int) -> trimesh.Trimesh:
 
 def bench_meshes() -> dict[str, object]:
     meshes = {"icosphere-1k": coloured_icosphere(3), "icosphere-100k": coloured_icosphere(6)}
-    duck = SHARED / "meshes" / "Duck.glb"
+    duck = MESHES / "Duck.glb"
     if duck.is_file():
         meshes["Duck.glb (textured)"] = render.load_normalized_mesh(duck)[0]
     return meshes

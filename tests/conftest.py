@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,11 @@ import torch
 # Never reach a model hub from tests; everything is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# Real meshes users bring (glTF, OBJ+MTL+texture, PLY, STL), copied from the project's shared
+# data with their attributions (tests/data/meshes/README.md) so tests never depend on a folder
+# outside the checkout.
+MESHES = Path(__file__).resolve().parent / "data" / "meshes"
 
 
 def tiny_sd_unet_config(**overrides) -> dict:

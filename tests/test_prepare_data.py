@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -18,9 +16,8 @@ from mvdream_platform.cameras import mvdream_to_orbit_azimuth, orbit_camera_to_w
 from mvdream_platform.data import layout
 from mvdream_platform.data.prepare import BUILTIN_PHOTOS
 
+from conftest import MESHES
 from jobs_helpers import compose, import_job, run_job
-
-MESHES = Path(os.environ.get("MVDREAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "meshes"
 
 
 def _prepare(*overrides: str) -> dict:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from PIL import Image
 from mvdream_platform.cameras import get_camera, orbit_camera_to_world, project_points
 from mvdream_platform.data import render
 
-MESHES = Path(os.environ.get("MVDREAM_SHARED_DATA",
-                             Path(__file__).resolve().parents[2] / "shared" / "data")) / "meshes"
-needs_meshes = pytest.mark.skipif(not MESHES.is_dir(), reason=f"no shared meshes at {MESHES}")
+from conftest import MESHES
 
 FOVY = 40.0
 FLAT = render.Light(ambient=1.0, diffuse=0.0)  # unshaded: the rendered colour is the albedo
@@ -72,8 +68,6 @@ def quadrant_colors(rgba: np.ndarray) -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="module")
 def meshes() -> dict[str, object]:
-    if not MESHES.is_dir():
-        pytest.skip(f"no shared meshes at {MESHES}")
     names = ["Duck.glb", "BoxTextured.glb", "capsule.obj", "teapot.stl", "bunny.ply"]
     return {name: render.load_normalized_mesh(MESHES / name)[0] for name in names}
 
@@ -374,7 +368,6 @@ def test_scene_parts_keep_transforms_and_own_colours():
     assert (right_half[:, :3] == (0, 250, 0)).all() and len(right_half) > 200
 
 
-@needs_meshes
 def test_normalisation_and_up_axes():
     duck_raw = trimesh.load_scene(MESHES / "Duck.glb").to_geometry()  # y-up, offset, cm scale
     duck, info = render.load_normalized_mesh(MESHES / "Duck.glb")
@@ -401,7 +394,6 @@ def test_normalisation_and_up_axes():
     assert len(from_file.faces) == len(duck.faces)
 
 
-@needs_meshes
 @pytest.mark.parametrize("name", ["Duck.glb", "BoxTextured.glb", "capsule.obj", "teapot.stl",
                                   "bunny.ply"])
 def test_real_meshes_render_centred_framed_and_coloured(meshes, name):
