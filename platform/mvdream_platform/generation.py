@@ -7,12 +7,10 @@ request, the model and the cameras. Everything goes through :mod:`mvdream_platfo
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import PIL.Image
 import torch
 
 from . import storage
@@ -44,12 +42,6 @@ def make_grid(images: np.ndarray) -> np.ndarray:
     return (grid * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def generate(pipe: MVDreamPipeline, request: GenerationRequest) -> tuple[np.ndarray, torch.Tensor, float]:
     """Run the pipeline: returns images (B, F, H, W, 3) in [0, 1], cameras (F, 16), seconds."""
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -78,9 +70,9 @@ def write_generation(out_uri: str, request: GenerationRequest, images: np.ndarra
     for i, views in enumerate(images):
         for j, view in enumerate(views):
             name = f"prompt_{i:03d}/view_{j:02d}.png"
-            storage.write_bytes(storage.join(out_uri, name), _png(make_grid(view[None, None])))
+            storage.write_bytes(storage.join(out_uri, name), storage.encode_png(make_grid(view[None, None])))
             files.append(name)
-    storage.write_bytes(storage.join(out_uri, "grid.png"), _png(make_grid(images)))
+    storage.write_bytes(storage.join(out_uri, "grid.png"), storage.encode_png(make_grid(images)))
     record = {
         "request": asdict(request),
         "model": model_info,

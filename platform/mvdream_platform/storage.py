@@ -8,6 +8,7 @@ file written, see :func:`put_dir`).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -63,6 +64,15 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
+
+
+def encode_png(array) -> bytes:
+    """(H, W, 3|4) uint8 array -> PNG file bytes."""
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:

@@ -258,7 +258,7 @@ def render_object(spec: ObjectSpec, settings: RenderSettings, out_uri: str) -> O
     )  # (V, H, W, 4) uint8
     folder = storage.join(out_uri, layout.OBJECTS_DIR, spec.object_id)
     for k, view in enumerate(rgba):
-        storage.write_bytes(storage.join(folder, layout.view_name(k)), _png_bytes(view))
+        storage.write_bytes(storage.join(folder, layout.view_name(k)), storage.encode_png(view))
     record = ObjectRecord(
         object_id=spec.object_id, caption=caption, attributes=attributes,
         resolution=settings.resolution, azimuths_deg=cams["azimuths_deg"],
@@ -423,12 +423,12 @@ def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256) -> Ite
         grey = rng.uniform(0.2, 0.9) * 255  # composite on grey, as LAION images have no alpha
         alpha = rgba[..., 3:4].astype(np.float32) / 255
         rgb = (rgba[..., :3] * alpha + grey * (1 - alpha)).round().astype(np.uint8)
-        yield ImagePair(key=f"render-{i:06d}", image=_png_bytes(rgb), caption=obj.caption)
+        yield ImagePair(key=f"render-{i:06d}", image=storage.encode_png(rgb), caption=obj.caption)
     for name, caption in BUILTIN_PHOTOS.items():
         array = getattr(photos, name)()
         if array.ndim == 2:
             array = np.repeat(array[..., None], 3, axis=-1)
-        yield ImagePair(key=f"photo-{name}", image=_png_bytes(array[..., :3].astype(np.uint8)),
+        yield ImagePair(key=f"photo-{name}", image=storage.encode_png(array[..., :3].astype(np.uint8)),
                         caption=caption)
 
 
@@ -495,12 +495,6 @@ def prepare_text_images(pairs: Iterable[ImagePair], out_uri: str, rows_per_shard
 
 
 # ------------------------------------------------------------------------------ helpers
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class _local_copy:
     """Context manager: a local path for a mesh file, downloading remote files with siblings.
 
