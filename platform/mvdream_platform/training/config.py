@@ -1,0 +1,154 @@
+"""Plain dataclasses describing a training run (the Hydra job fills them; notebooks can too)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..pipelines.loading import ModelConfig
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISION = ("no", "bf16")
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class DataConfig:
+    """The 3D/2D mixture (see :class:`mvdream_platform.data.mixture.MixtureLoader`)."""
+
+    name: str = "shapes"
+    uri: str | None = None  # multi-view renders (jobs/prepare_data.py source=shapes|meshes)
+    image_uri: str | None = None  # text-image shards (source=images)
+    p_multiview: float = 0.7
+    num_views: int = 4
+    resolution: int = 32
+    multiview_batch: int = 8  # objects per multi-view step, per worker
+    image_batch: int = 32  # images per 2D step, per worker
+    num_workers: int = 2  # DataLoader processes per training worker
+
+    def validate(self) -> None:
+        if not self.uri and not self.image_uri:
+            raise ValueError("data.uri (multi-view renders) or data.image_uri (text-image shards) is required")
+        if not 0.0 <= self.p_multiview <= 1.0:
+            raise ValueError(f"data.p_multiview must lie in [0, 1], got {self.p_multiview}")
+        for name in ("num_views", "resolution", "multiview_batch", "image_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and loop settings (per-worker batch sizes live in DataConfig)."""
+
+    max_steps: int = 1000
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+    ema_decay: float = 0.0  # 0 disables EMA
+    text_dropout: float = 0.1  # empty prompt 10% of the time so classifier-free guidance works
+    prediction_type: str = "epsilon"
+    mixed_precision: str = "no"  # "bf16": autocast on GPU
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_steps < 1:
+            raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError("trainer.checkpoint_every and trainer.log_every must be >= 1")
+        if self.grad_accumulation < 1:
+            raise ValueError(f"trainer.grad_accumulation must be >= 1, got {self.grad_accumulation}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"trainer.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"trainer.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"trainer.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"trainer.text_dropout must lie in [0, 1), got {self.text_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class ClusterConfig:
+    """Ray Train scaling: how many workers and what each gets."""
+
+    name: str = "local_cpu"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    backend: str = "gloo"  # gloo on CPU, nccl on GPUs
+    torch_threads: int = 1  # per worker: oversubscribed OpenMP threads crawl on small machines
+    placement_strategy: str = "PACK"
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"cluster.num_workers must be >= 0 (0 = in-process), got {self.num_workers}")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"cluster.backend must be gloo or nccl, got {self.backend!r}")
+
+
+@dataclass
+class RunSettings:
+    """Where the run lives: checkpoints under ``storage_path/name``; rerun the name to resume."""
+
+    name: str = "tiny"
+    storage_path: str = "outputs/runs"
+    num_to_keep: int = 2
+    max_failures: int = 2
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"
+    project: str = "mvdream-platform"
+
+    def validate(self) -> None:
+        if self.mode not in LOGGER_MODES:
+            raise ValueError(f"logger.mode must be one of {LOGGER_MODES}, got {self.mode!r}")
+
+
+@dataclass
+class TrainJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Test hook: SIGKILL one worker process at this step on the first attempt only, to prove
+    # that a run survives losing a worker. Never set in real runs.
+    crash_at_step: int | None = None
+
+    def validate(self) -> None:
+        self.model.validate()
+        for part in (self.data, self.trainer, self.cluster, self.logger):
+            part.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainJobConfig:
+        """Build from nested dicts, naming any unknown key."""
+        parts = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig,
+                 "cluster": ClusterConfig, "run": RunSettings, "logger": LoggerConfig}
+        unknown = sorted(set(values) - set(parts) - {"crash_at_step"})
+        if unknown:
+            raise ValueError(f"unknown training config sections {unknown}; allowed: {sorted(parts)}")
+        built = {}
+        for name, kind in parts.items():
+            given = dict(values.get(name) or {})
+            extra = sorted(set(given) - set(kind.__dataclass_fields__))
+            if extra:
+                raise ValueError(f"unknown {name} config keys {extra}; allowed: {sorted(kind.__dataclass_fields__)}")
+            built[name] = kind(**given)
+        return cls(**built, crash_at_step=values.get("crash_at_step"))

@@ -1,0 +1,264 @@
+"""The per-worker training loop: joint multi-view (70%) + text-image (30%) fine-tuning.
+
+Runs inside every Ray Train worker (or in-process): build the model from its description,
+restore the latest checkpoint if the run has one, then step through the mixture. Read top to
+bottom, it is the whole algorithm:
+
+1. a batch of one kind: B objects x 4 views with cameras (num_frames=4, 3D attention and the
+   camera MLP on), or 2D images (num_frames=1, camera None);
+2. drop 10% of captions (per object) so classifier-free guidance works at sampling time;
+3. encode captions (frozen text encoder) and images (frozen codec: identity or SD's VAE);
+4. the LDM loss (eps or v) at one timestep per object; backward, clip, AdamW, lr schedule, EMA;
+5. every ``checkpoint_every`` steps rank 0 writes the full training state and every worker
+   reports to Ray Train (a barrier), so a restarted worker group resumes at the exact step.
+
+DDP's ``find_unused_parameters`` is on: on 2D steps the camera MLP takes no part in the loss,
+and every rank runs the same kind of step (the mixture guarantees it), so those parameters
+simply get no gradient anywhere and AdamW leaves them untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+import time
+import zlib
+from typing import Any
+
+import torch
+
+from .. import storage
+from ..pipelines.loading import build_pipeline
+from .checkpointing import load_training_state, save_training_state, unwrap
+from .config import TrainJobConfig
+from .losses import NoiseSchedule, diffusion_loss, drop_text
+from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DIR = "pipeline"
+
+
+def run_dir(cfg: TrainJobConfig) -> str:
+    """Where this run's checkpoints, final pipeline and records live."""
+    return storage.join(cfg.run.storage_path, cfg.run.name)
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Noise/timestep/dropout randomness of one (rank, step): identical after a resume."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{rank}:{step}".encode()))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (also callable in-process with ``ray.train`` unavailable)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainJobConfig.from_dict(config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, cfg.cluster.torch_threads))
+    device = ray.train.torch.get_device() if cfg.cluster.use_gpu else torch.device("cpu")
+
+    # Every rank builds the same initial weights (seeded); a checkpoint then overrides them.
+    pipe = build_pipeline(cfg.model, device="cpu", seed=cfg.trainer.seed)
+    # The sampler must denoise with the parameterisation the model is trained for.
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
+                                                      prediction_type=cfg.trainer.prediction_type)
+    unet, text_encoder, codec = pipe.unet.to(device), pipe.text_encoder.to(device), pipe.codec.to(device)
+    unet.train()
+    if cfg.trainer.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config)).to(device)
+    optimizer = build_optimizer(unet, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.trainer.warmup_steps,
+                                      total_steps=cfg.trainer.max_steps,
+                                      schedule=cfg.trainer.lr_schedule,
+                                      min_lr_ratio=cfg.trainer.min_lr_ratio)
+    ema = EMA(unet, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_training_state(folder, model=unet, optimizer=optimizer,
+                                        lr_scheduler=lr_scheduler, ema=ema)
+        start_step = state["step"]
+        log.info("rank %d resumed from step %d", rank, start_step)
+
+    model = unet
+    if world > 1:
+        model = ray.train.torch.prepare_model(
+            unet, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    loader = _make_loader(cfg, rank, world, start_micro_step=start_step * cfg.trainer.grad_accumulation)
+    batches = iter(loader)
+    tracker = _start_tracker(cfg, rank) if rank == 0 else None
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=cfg.trainer.mixed_precision == "bf16")
+
+    window = _Window()
+    for step in range(start_step, cfg.trainer.max_steps):
+        _maybe_crash(cfg, step, rank, world)
+        generator = step_generator(cfg.trainer.seed, rank, step)
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(cfg.trainer.grad_accumulation):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            last = micro == cfg.trainer.grad_accumulation - 1
+            sync = contextlib.nullcontext() if (last or world == 1) else model.no_sync()
+            with sync:
+                loss, info = _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator,
+                                         device, autocast)
+                (loss / cfg.trainer.grad_accumulation).backward()
+            window.add(loss.item(), batch, data_s=t1 - t0, compute_s=time.perf_counter() - t1)
+        grad_norm = clip_grad_norm(model, cfg.trainer.grad_clip)
+        optimizer.step()
+        lr_scheduler.step()
+        if ema is not None:
+            ema.update(unet)
+
+        done = step + 1
+        is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == cfg.trainer.max_steps
+        if done % cfg.trainer.log_every == 0 or is_checkpoint:
+            metrics = window.flush(done, lr_scheduler.get_last_lr()[0], grad_norm, world)
+            if tracker is not None:
+                tracker.log(metrics, step=done)
+                log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", done, cfg.trainer.max_steps,
+                         metrics["loss"], metrics["lr"], metrics["images_per_s"])
+            _report(metrics, done, is_checkpoint, rank, unet, optimizer, lr_scheduler, ema, loader)
+
+    if rank == 0:
+        _write_final_pipeline(cfg, pipe, unet, ema)
+        if tracker is not None:
+            tracker.finish()
+
+
+def _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator, device, autocast):
+    """One micro-batch: returns (loss, info)."""
+    frames = batch["num_frames"]
+    captions = drop_text(batch["captions"], cfg.trainer.text_dropout, generator, num_frames=frames)
+    with torch.no_grad():
+        context = text_encoder.encode(captions).to(device)
+        x0 = codec.encode(batch["images"].to(device))
+    camera = batch["cameras"].to(device) if batch["cameras"] is not None else None
+    with autocast:
+        return diffusion_loss(model, x0, context, camera, frames, schedule,
+                              prediction_type=cfg.trainer.prediction_type, generator=generator)
+
+
+def _make_loader(cfg: TrainJobConfig, rank: int, world: int, start_micro_step: int):
+    from ..data.mixture import MixtureLoader
+
+    data = cfg.data
+    return MixtureLoader.from_uris(
+        data.uri, data.image_uri, resolution=data.resolution, num_views=data.num_views,
+        seed=cfg.trainer.seed, multiview_batch=data.multiview_batch, image_batch=data.image_batch,
+        p_multiview=data.p_multiview, rank=rank, world_size=world, num_workers=data.num_workers,
+        start_step=start_micro_step,
+    )
+
+
+class _Window:
+    """Running sums between two reports: loss, images, data/compute time."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses, self.images, self.data_s, self.compute_s = [], 0, 0.0, 0.0
+        self.kinds = {"multiview": 0, "image": 0}
+        self.skipped = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, batch: dict, data_s: float, compute_s: float) -> None:
+        self.losses.append(loss)
+        self.images += batch["images"].shape[0]
+        self.data_s += data_s
+        self.compute_s += compute_s
+        self.kinds[batch["kind"]] += 1
+        self.skipped += int(batch.get("skipped", {}).get("count", 0))
+
+    def flush(self, step: int, lr: float, grad_norm: float, world: int) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        loss = torch.tensor(sum(self.losses) / max(len(self.losses), 1))
+        if world > 1:  # the logged loss is the mean over ranks
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        metrics = {
+            "step": step, "loss": float(loss), "lr": float(lr), "grad_norm": float(grad_norm),
+            "images_per_s": self.images * world / seconds,
+            "step_time_s": seconds / max(len(self.losses), 1),
+            "data_time_s": self.data_s / max(len(self.losses), 1),
+            "compute_time_s": self.compute_s / max(len(self.losses), 1),
+            "multiview_fraction": self.kinds["multiview"] / max(sum(self.kinds.values()), 1),
+            "skipped_records": self.skipped,
+            "max_rss_mb": _max_rss_mb(),
+        }
+        if torch.cuda.is_available():
+            metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.reset()
+        return metrics
+
+
+def _report(metrics, step, is_checkpoint, rank, unet, optimizer, lr_scheduler, ema, loader) -> None:
+    """Every worker reports (Ray Train's barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="mvdream-ckpt-") as folder:
+        checkpoint = None
+        if is_checkpoint and rank == 0:
+            save_training_state(folder, model=unet, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                step=step, ema=ema, loader_state=_loader_state(loader))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _loader_state(loader) -> dict:
+    try:
+        return loader.state_dict()
+    except Exception:  # informational only: the loader position is a function of the step
+        return {}
+
+
+def _write_final_pipeline(cfg: TrainJobConfig, pipe, unet, ema) -> None:
+    """The trained model as an MVDreamPipeline folder at ``<run>/pipeline`` (EMA weights if on)."""
+    final = unwrap(unet)
+    if ema is not None:
+        ema.copy_to(final)
+    pipe.unet = final.eval()
+    with tempfile.TemporaryDirectory(prefix="mvdream-final-") as folder:
+        pipe.save_pretrained(folder)
+        storage.put_dir(folder, storage.join(run_dir(cfg), PIPELINE_DIR))
+    log.info("wrote the trained pipeline to %s", storage.join(run_dir(cfg), PIPELINE_DIR))
+
+
+def _start_tracker(cfg: TrainJobConfig, rank: int):
+    from ..tracking import start_tracking
+
+    root = run_dir(cfg)
+    local = storage.local_path(root) if storage.is_local(root) else os.path.join("outputs", "wandb", cfg.run.name)
+    return start_tracking(mode=cfg.logger.mode, project=cfg.logger.project, run_name=cfg.run.name,
+                          group=None, config=cfg.to_dict(), dir=os.path.join(local, "tracking"),
+                          rank=rank, job_type="train", resume_id=f"train-{cfg.run.name}")
+
+
+def _maybe_crash(cfg: TrainJobConfig, step: int, rank: int, world: int) -> None:
+    """Test hook: SIGKILL the last worker at ``crash_at_step`` once per run (marker file)."""
+    if cfg.crash_at_step is None or step != cfg.crash_at_step or rank != world - 1:
+        return
+    marker = storage.join(run_dir(cfg), ".crash_injected")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, str(step))
+    log.warning("crash_at_step=%d: killing worker rank %d (pid %d)", step, rank, os.getpid())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _max_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

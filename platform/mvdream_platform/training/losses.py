@@ -1,0 +1,340 @@
+"""The latent-diffusion training objective, multi-view (MVDream paper §3.1, DDPM/LDM notation).
+
+For an object with F views x0 (F, C, H, W) and its caption y:
+
+    t ~ U{0, ..., T-1}                         one noise level per object, shared by its views
+    eps ~ N(0, I)                              independent per view
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    L = || model(x_t, t, y, cameras) - target ||^2
+        target = eps                           (epsilon prediction: SD, MVDream)
+               = sqrt(abar_t) eps - sqrt(1 - abar_t) x0   (v prediction, Salimans & Ho 2022)
+
+A 2D text-image batch (the paper's 30% of LAION steps) is the same with F = 1 and no camera.
+Classifier-free guidance is trained by dropping the caption (:func:`drop_text`).
+
+Everything here is a small pure function of tensors; the noise schedule is a tiny value object
+that reproduces the diffusers scheduler the pipeline samples with, number for number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BETA_SCHEDULES",
+    "PREDICTION_TYPES",
+    "NoiseSchedule",
+    "diffusion_loss",
+    "drop_text",
+    "min_snr_weight",
+    "sample_timesteps",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _expand(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, ..., 1), broadcastable against ``like`` (N, ...)."""
+    return coefficient.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class NoiseSchedule:
+    """DDPM's discrete forward process q(x_t | x_0), abar_t = prod_{s<=t} (1 - beta_s).
+
+    Args:
+        alphas_cumprod: (T,) abar_t for t = 0..T-1, decreasing from ~1 (clean) towards 0.
+
+    The numbers are computed exactly as diffusers' ``DDPMScheduler``/``DDIMScheduler`` compute
+    them (betas and their cumulative product in float32). The LDM code that trained SD and
+    MVDream used float64 instead; the two differ by < 1e-6 in abar_t (a few 1e-6 in x_t),
+    far below anything training can feel, and matching diffusers means training and the
+    pipeline's sampler see bit-identical noise levels.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
+        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
+            raise ValueError(
+                f"alphas_cumprod must be a 1-D tensor of length T >= 2, got shape "
+                f"{tuple(alphas_cumprod.shape)}"
+            )
+        self.alphas_cumprod = alphas_cumprod
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_betas(cls, betas: Sequence[float] | torch.Tensor) -> NoiseSchedule:
+        """betas (T,) -> schedule with abar_t = prod_{s<=t} (1 - beta_s)."""
+        betas = torch.as_tensor(betas, dtype=torch.float32)
+        if betas.ndim != 1 or bool(((betas <= 0) | (betas > 1)).any()):
+            raise ValueError("betas must be a 1-D sequence of values in (0, 1]")
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
+        """The schedule of a diffusers scheduler config (``scheduler.config`` or its JSON dict).
+
+        Reads ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``
+        (one of :data:`BETA_SCHEDULES`), ``trained_betas`` and ``rescale_betas_zero_snr``,
+        with diffusers' defaults for missing keys. SD's schedule is
+        ``{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}``.
+        """
+        T = int(config.get("num_train_timesteps", 1000))
+        beta_start = float(config.get("beta_start", 0.0001))
+        beta_end = float(config.get("beta_end", 0.02))
+        kind = config.get("beta_schedule", "linear")
+        if config.get("trained_betas") is not None:
+            betas = torch.as_tensor(config["trained_betas"], dtype=torch.float32)
+        elif kind == "linear":
+            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+        elif kind == "scaled_linear":
+            # LDM's schedule: linear in sqrt(beta).
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+        elif kind == "squaredcos_cap_v2":
+            betas = _cosine_betas(T)
+        else:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {kind!r}")
+        if config.get("rescale_betas_zero_snr", False):
+            betas = _rescale_zero_terminal_snr(betas)
+        return cls.from_betas(betas)
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """A copy with its table on ``device`` (saves a small host-to-device copy per step)."""
+        return NoiseSchedule(self.alphas_cumprod.to(device))
+
+    # ------------------------------------------------------------------ the process
+    @property
+    def num_train_timesteps(self) -> int:
+        """T."""
+        return len(self.alphas_cumprod)
+
+    def abar(self, t: torch.Tensor) -> torch.Tensor:
+        """t (N,) integer -> abar_t (N,) float32, on t's device."""
+        return self.alphas_cumprod.to(t.device)[t.long()]
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """t (N,) -> signal-to-noise ratio abar_t / (1 - abar_t) (N,)."""
+        abar = self.abar(t)
+        return abar / (1.0 - abar)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0, noise (N, ...), t (N,) -> x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (N, ...)."""
+        abar = _expand(self.abar(t.to(x0.device)), x0).to(x0.dtype)
+        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0, noise (N, ...), t (N,) -> v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (N, ...)."""
+        abar = _expand(self.abar(t.to(x0.device)), x0).to(x0.dtype)
+        return abar.sqrt() * noise - (1.0 - abar).sqrt() * x0
+
+    def target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str
+    ) -> torch.Tensor:
+        """What the model is trained to output: eps, v or x0 (N, ...)."""
+        _check_prediction_type(prediction_type)
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.velocity(x0, noise, t)
+        return x0
+
+    def __repr__(self) -> str:
+        a = self.alphas_cumprod
+        return f"NoiseSchedule(T={len(a)}, abar_0={a[0].item():.6f}, abar_T-1={a[-1].item():.6f})"
+
+
+def _cosine_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule: abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)."""
+
+    def abar(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(abar) so that abar_{T-1} = 0 exactly.
+
+    Only sensible with v prediction (eps is unlearnable at zero SNR).
+    """
+    sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
+
+
+def _check_views(n: int, num_frames: int) -> int:
+    """Number of objects B in a batch of n = B*F images; raises if F does not divide n."""
+    if not isinstance(num_frames, int) or num_frames < 1 or n % num_frames:
+        raise ValueError(
+            f"num_frames must be a positive integer dividing the batch size {n}, got {num_frames!r}"
+        )
+    return n // num_frames
+
+
+# ---------------------------------------------------------------------- sampling t, eps, captions
+def sample_timesteps(
+    batch_objects: int,
+    num_frames: int,
+    num_train_timesteps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """One timestep per object, repeated for each of its views.
+
+    Args:
+        batch_objects: B, number of objects.
+        num_frames: F, views per object (1 for 2D text-image data).
+        num_train_timesteps: T; t is uniform on {0, ..., T-1}.
+        generator: random source (draws on its own device); ``None`` uses the global RNG.
+        device: where the result goes (default: the generator's device, else CPU).
+    Returns:
+        t (B*F,) int64, ``t[b*F + f] == t[b*F]`` for every view f of object b.
+    """
+    # All views of one object share t: at sampling time the pipeline denoises the F views
+    # jointly, one noise level for all, and the 3D self-attention mixes their tokens, so
+    # training must see views at equal noise too. The official MVDream repository is
+    # inference-only (no training code to check against); sharing t across the frames of a
+    # sample is the convention of video diffusion models, whose inflated attention MVDream
+    # borrows, and it is our design choice here.
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    t = torch.randint(
+        0, num_train_timesteps, (batch_objects,), generator=generator, device=gen_device
+    )
+    return t.repeat_interleave(num_frames).to(device if device is not None else gen_device)
+
+
+def drop_text(
+    captions: Sequence[str],
+    p: float = 0.1,
+    generator: torch.Generator | None = None,
+    num_frames: int = 1,
+) -> list[str]:
+    """Replace captions by "" with probability ``p`` for classifier-free guidance.
+
+    Args:
+        captions: B*F captions, the F views of each object contiguous (F = 1: one per image).
+        p: drop probability per object (SD and MVDream train with 0.1).
+        generator: CPU ``torch.Generator`` for reproducible drops; ``None`` uses the global RNG.
+        num_frames: F. All views of an object are dropped together: the unconditional
+            branch at sampling time sees "" for every view, so training must too.
+    Returns:
+        A new list of B*F captions.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+    num_objects = _check_views(len(captions), num_frames)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    drop = torch.rand(num_objects, generator=generator, device=gen_device) < p
+    drop = drop.repeat_interleave(num_frames).tolist()
+    return ["" if dropped else caption for caption, dropped in zip(captions, drop)]
+
+
+# ---------------------------------------------------------------------- the loss
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), per sample.
+
+    The x0-space weight min(SNR, gamma) expressed for each parameterisation:
+    eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1); x0: min(SNR, gamma).
+
+    Args:
+        snr: (N,) abar_t / (1 - abar_t).
+    Returns:
+        (N,) weights.
+    """
+    _check_prediction_type(prediction_type)
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
+def diffusion_loss(
+    model: nn.Module,
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    camera: torch.Tensor | None,
+    num_frames: int,
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The denoising loss of one batch of multi-view (or 2D) samples.
+
+    Args:
+        model: called as ``model(x_t, t, encoder_hidden_states=..., camera=..., num_frames=F)``
+            and returning ``.sample`` (a ``MultiViewUNet``, possibly DDP-wrapped) or a tensor.
+        x0: (B*F, C, H, W) clean latents (or pixels in [-1, 1]), views of an object contiguous.
+        context: (B*F, L, D) text tokens per view, or (B, L, D) per object (repeated F times).
+        camera: (B*F, 16) camera vectors, or ``None`` for 2D data (then F is normally 1).
+        num_frames: F.
+        schedule: the forward process.
+        prediction_type: ``epsilon`` (SD, MVDream), ``v_prediction`` or ``sample``.
+        generator: random source for t and eps (t drawn first); ``None`` uses the global RNG.
+        timesteps: (B*F,) fixed timesteps instead of :func:`sample_timesteps`.
+        noise: (B*F, C, H, W) fixed eps instead of a fresh draw.
+        snr_gamma: Min-SNR-gamma weighting (gamma = 5 in the paper); ``None`` is the plain mean.
+    Returns:
+        loss: scalar float32, mean squared error over every element (weighted per sample when
+            ``snr_gamma`` is set).
+        info: ``timesteps`` (B*F,), ``loss_per_sample`` (B*F,) detached unweighted MSE per image
+            (for loss-versus-t logging), and ``snr_weight`` (B*F,) when ``snr_gamma`` is set.
+    """
+    _check_prediction_type(prediction_type)
+    n = x0.shape[0]
+    num_objects = _check_views(n, num_frames)
+    if context.shape[0] == num_objects and num_frames > 1:
+        context = context.repeat_interleave(num_frames, dim=0)
+
+    gen_device = generator.device if generator is not None else x0.device
+    if timesteps is None:
+        t = sample_timesteps(num_objects, num_frames, schedule.num_train_timesteps, generator)
+    else:
+        t = timesteps
+    t = t.to(x0.device)
+    if t.shape != (n,):
+        raise ValueError(f"timesteps must have shape ({n},), got {tuple(t.shape)}")
+    if noise is None:
+        # Independent eps per view: each view is its own image, and the sampler starts every
+        # view from its own independent Gaussian.
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
+    noise = noise.to(x0.device)
+    if noise.shape != x0.shape:
+        raise ValueError(
+            f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}"
+        )
+
+    x_t = schedule.add_noise(x0, noise, t)
+    out = model(x_t, t, encoder_hidden_states=context, camera=camera, num_frames=num_frames)
+    prediction = out if isinstance(out, torch.Tensor) else out[0]
+    target = schedule.target(x0, noise, t, prediction_type)
+
+    # The squared error in float32 even under autocast: a half-precision mean over millions
+    # of elements loses the small differences training lives on.
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)  # (B*F,)
+    info = {"timesteps": t, "loss_per_sample": per_sample.detach()}
+    if snr_gamma is None:
+        return per_sample.mean(), info
+    weight = min_snr_weight(schedule.snr(t), snr_gamma, prediction_type)
+    info["snr_weight"] = weight
+    return (weight * per_sample).mean(), info

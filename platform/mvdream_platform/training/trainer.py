@@ -1,0 +1,68 @@
+"""Ray Train wiring: one TorchTrainer for 2 CPU workers or 32 GPUs, by configuration alone."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .. import storage
+from .config import TrainJobConfig
+from .loop import PIPELINE_DIR, run_dir, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def build_trainer(cfg: TrainJobConfig):
+    """A Ray Train V2 ``TorchTrainer`` for ``cfg`` (not started)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cluster = cfg.cluster
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = 1
+    storage_path = cfg.run.storage_path
+    if storage.is_local(storage_path):  # Ray wants absolute local paths
+        storage_path = os.path.abspath(storage.local_path(storage_path))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=cluster.placement_strategy),
+        torch_config=TorchConfig(backend=cluster.backend),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+
+
+def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
+    """Validate, start (or join) Ray, train, and return a summary of the run."""
+    cfg.validate()
+    ensure_ray(num_cpus=None)
+    result = build_trainer(cfg).fit()
+    summary = {
+        "run": run_dir(cfg),
+        "pipeline": storage.join(run_dir(cfg), PIPELINE_DIR),
+        "metrics": dict(result.metrics or {}),
+        "checkpoint": None if result.checkpoint is None else result.checkpoint.path,
+    }
+    storage.write_json(storage.join(run_dir(cfg), "train_summary.json"), summary)
+    return summary
