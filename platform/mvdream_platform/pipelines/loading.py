@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ from .pipeline_mvdream import MVDreamPipeline
 log = logging.getLogger(__name__)
 
 SOURCES = ("init", "pipeline", "sd")
+# The source checkout (platform/mvdream_platform/pipelines/loading.py -> repository root):
+# relative model paths such as the shipped checkpoints/tiny resolve against it too.
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CODECS = ("pixel", "latent")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -143,6 +147,9 @@ def resolve_model_dir(path: str) -> str:
     Hugging Face hub id through the hub cache (which works offline once cached)."""
     if os.path.isdir(path) or "://" in path:
         return get_dir(path)
+    in_repo = REPO_ROOT / path  # e.g. checkpoints/tiny from a source checkout, any cwd
+    if not os.path.isabs(path) and in_repo.is_dir():
+        return str(in_repo)
     if os.path.exists(path) or path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model.path {path!r} is not a folder")
     from huggingface_hub import snapshot_download

@@ -34,9 +34,6 @@ def build_trainer(cfg: TrainJobConfig):
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
-    storage_path = cfg.run.storage_path
-    if storage.is_local(storage_path):  # Ray wants absolute local paths
-        storage_path = os.path.abspath(storage.local_path(storage_path))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -46,16 +43,31 @@ def build_trainer(cfg: TrainJobConfig):
         torch_config=TorchConfig(backend=cluster.backend),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage_path,
+            storage_path=cfg.run.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
     )
 
 
+def absolute_local_paths(cfg: TrainJobConfig) -> None:
+    """Make local relative paths absolute: Ray workers do not share the driver's cwd."""
+
+    def fix(path: str | None) -> str | None:
+        if not path or not storage.is_local(path):
+            return path
+        return os.path.abspath(storage.local_path(path))
+
+    cfg.data.uri, cfg.data.image_uri = fix(cfg.data.uri), fix(cfg.data.image_uri)
+    cfg.run.storage_path = fix(cfg.run.storage_path)
+    if cfg.model.path and storage.is_local(cfg.model.path) and os.path.exists(cfg.model.path):
+        cfg.model.path = fix(cfg.model.path)
+
+
 def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     """Validate, start (or join) Ray, train, and return a summary of the run."""
     cfg.validate()
+    absolute_local_paths(cfg)
     ensure_ray(num_cpus=None)
     result = build_trainer(cfg).fit()
     summary = {
