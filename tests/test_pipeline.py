@@ -155,3 +155,17 @@ def test_model_config_errors_name_the_field():
         build_pipeline(ModelConfig(source="init", unet={"sample_size": 8, "cross_attention_dim": 7}))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         build_pipeline(ModelConfig(source="pipeline", path="./no/such/folder"))
+
+
+def test_a_fresh_process_loads_a_saved_pipeline(tiny_pipeline, tmp_path):
+    """Loading must not depend on other modules of ours having been imported first."""
+    import subprocess
+    import sys
+
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    code = ("from mvdream_platform.pipelines import MVDreamPipeline; "
+            f"p = MVDreamPipeline.from_pretrained({str(tmp_path / 'pipe')!r}); "
+            "print(type(p.unet).__name__, type(p.text_encoder).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MultiViewUNet MiniLMTextEncoder" in result.stdout

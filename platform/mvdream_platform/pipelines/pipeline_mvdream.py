@@ -22,6 +22,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..cameras import get_camera
 
+# diffusers finds a saved component's class through sys.modules, so the modules of every
+# component class we save must be imported before MVDreamPipeline.from_pretrained runs.
+from ..models import codecs as _codecs  # noqa: F401
+from ..models import multiview_unet as _multiview_unet  # noqa: F401
+from ..models import text_encoders as _text_encoders  # noqa: F401
+
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
