@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from jobs_helpers import compose, import_job
 
 from mvdream_platform.data.shapes import COLOURS
 from mvdream_platform.evaluation import (
@@ -18,6 +17,8 @@ from mvdream_platform.evaluation import (
     render_ground_truth,
     shaded_palette,
 )
+
+from jobs_helpers import compose, import_job
 
 
 @pytest.mark.parametrize("name", list(COLOURS))

@@ -104,3 +104,36 @@ def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkey
     assert cfg.data.uri == str(tmp_path / "data" / "mv")
     assert cfg.data.image_uri == "memory://2d"  # URIs are left alone
     assert cfg.run.storage_path == str(tmp_path / "outputs" / "runs")
+
+
+def test_a_checkpoint_exports_to_a_loadable_pipeline(tmp_path):
+    import torch
+
+    from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
+    from mvdream_platform.training.checkpointing import save_training_state
+    from mvdream_platform.training.export import export_checkpoint
+    from mvdream_platform.training.optim import EMA, build_lr_scheduler, build_optimizer
+
+    from conftest import tiny_pixel_unet_config
+
+    config = ModelConfig(name="t", source="init", unet=tiny_pixel_unet_config(),
+                         text_encoder={"kind": "minilm", "max_length": 8})
+    unet = build_pipeline(config, seed=1).unet
+    ema = EMA(unet, decay=0.5)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1)
+    ema.update(unet)  # shadow now differs from the live weights
+    optimizer = build_optimizer(unet, lr=1e-3)
+    save_training_state(tmp_path / "ckpt", model=unet, optimizer=optimizer,
+                        lr_scheduler=build_lr_scheduler(optimizer), step=7, ema=ema)
+    for use_ema in (False, True):
+        out = export_checkpoint(tmp_path / "ckpt", config, str(tmp_path / f"pipe-{use_ema}"),
+                                use_ema=use_ema)
+        loaded = MVDreamPipeline.from_pretrained(out).unet
+        expected = ema.state_dict()["shadow"] if use_ema else unet.state_dict()
+        name = "unet.conv_in.weight"
+        assert torch.allclose(loaded.state_dict()[name], expected[name].to(torch.float32))
+    (tmp_path / "ckpt" / "COMPLETE").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        export_checkpoint(tmp_path / "ckpt", config, str(tmp_path / "never"))
