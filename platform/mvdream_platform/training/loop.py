@@ -186,8 +186,9 @@ class _Window:
     def flush(self, step: int, lr: float, grad_norm: float, world: int) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.start, 1e-9)
         loss = torch.tensor(sum(self.losses) / max(len(self.losses), 1))
-        if world > 1:  # the logged loss is the mean over ranks
-            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        if world > 1:  # the logged loss is the mean over ranks (SUM: gloo lacks AVG on older torch)
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.SUM)
+            loss /= world
         metrics = {
             "step": step, "loss": float(loss), "lr": float(lr), "grad_norm": float(grad_norm),
             "images_per_s": self.images * world / seconds,
