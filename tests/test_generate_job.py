@@ -15,7 +15,7 @@ from jobs_helpers import compose, import_job, run_job
 
 def test_generate_job_writes_views_grid_and_record(tmp_path):
     out = tmp_path / "gen"
-    result = run_job("generate.py", "prompt=a red cube", "steps=2", "num_views=4", "seed=3", f"out={out}")
+    result = run_job("generate.py", "model=tiny_init", "prompt=a red cube", "steps=2", "num_views=4", "seed=3", f"out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "UNTRAINED" in result.stderr + result.stdout  # the untrained default says so
     record = json.loads((out / "generation.json").read_text())
@@ -82,3 +82,13 @@ def test_unknown_model_paths_and_keys_fail_clearly(tmp_path):
         job.run(compose("generate", ["+model.colour=red", f"out={tmp_path}"]))
     with pytest.raises(Exception, match="model.path"):
         job.run(compose("generate", ["model=sd21_base", f"out={tmp_path}"]))  # path: ??? missing
+
+
+def test_the_default_model_is_the_shipped_trained_checkpoint(tmp_path):
+    result = run_job("generate.py", "prompt=a red sphere", "steps=2", "num_views=4", f"out={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "UNTRAINED" not in result.stdout + result.stderr
+    record = json.loads((tmp_path / "generation.json").read_text())
+    assert record["model"] == {"name": "tiny", "source": "pipeline", "path": "checkpoints/tiny",
+                               "trained": True, "device": "cpu"}
+    assert record["request"]["guidance_scale"] == 2.0  # the tiny model's measured best

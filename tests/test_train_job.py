@@ -12,7 +12,7 @@ from mvdream_platform.pipelines import MVDreamPipeline
 from jobs_helpers import compose, import_job
 
 TINY = [
-    "model=tiny", "data=shapes", "cluster=local_cpu", "logger=disabled",
+    "model=tiny_init", "data=shapes", "cluster=local_cpu", "logger=disabled",
     "data.resolution=16", "data.multiview_batch=2", "data.image_batch=4", "data.num_workers=0",
     "trainer.warmup_steps=2", "trainer.log_every=1", "trainer.lr=1e-3",
 ]

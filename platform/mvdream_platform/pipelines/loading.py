@@ -66,6 +66,10 @@ class ModelConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULER))
     dtype: str = "float32"
     trained: bool = False  # informational: False makes jobs say the model is untrained
+    # Recommended sampling settings for this model (jobs default to them): a 4.6M-parameter
+    # model wants much weaker guidance than SD-sized ones.
+    guidance_scale: float = 7.5
+    steps: int = 50
 
     def validate(self) -> None:
         if self.source not in SOURCES:
