@@ -43,7 +43,7 @@ def test_shapes_rendered_to_memory_uri_with_cameras_and_manifest():
     assert 0 <= record.elevation_deg <= 30 and 15 <= record.fovy_deg <= 60
     # the object fills the frame: distance = fill / sin(fovy/2) with fill in [1, 1.15]
     fill = record.distance * np.sin(np.radians(record.fovy_deg) / 2)
-    assert 1.15 >= fill >= 1.0
+    assert fill >= 1.0 and fill <= 1.15
     expected = orbit_camera_to_world(record.elevation_deg,
                                      mvdream_to_orbit_azimuth(np.asarray(record.azimuths_deg)),
                                      record.distance)

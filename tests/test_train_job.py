@@ -55,7 +55,7 @@ def test_two_workers_train_checkpoint_resume_and_export(data, tmp_path, ray_clus
     assert summary["metrics"]["step"] == 4
     assert summary["metrics"]["loss"] > 0 and summary["metrics"]["images_per_s"] > 0
     checkpoints = sorted(c for c in run.glob("checkpoint_*") if c.is_dir())
-    assert 1 <= len(checkpoints) <= 2 and all((c / "COMPLETE").is_file() for c in checkpoints)
+    assert len(checkpoints) in (1, 2) and all((c / "COMPLETE").is_file() for c in checkpoints)
     assert _logged_steps(run) == [1, 2, 3, 4]
 
     # The final model is a pipeline folder that generation loads.
