@@ -26,12 +26,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .optim import unwrap_model
+
 COMPLETE = "COMPLETE"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP (or similar) wrapper."""
-    return model.module if hasattr(model, "module") else model
 
 
 def rng_state() -> dict[str, str]:
@@ -60,7 +57,7 @@ def save_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
     """Write a complete checkpoint into ``folder`` (created); ``COMPLETE`` goes last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
     save_file(weights, folder / "model.safetensors")
     if ema is not None:
         save_file({k: v.cpu().contiguous() for k, v in ema.state_dict()["shadow"].items()},
@@ -89,7 +86,7 @@ def load_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
     folder = Path(folder)
     if not (folder / COMPLETE).is_file():
         raise ValueError(f"checkpoint {folder} is incomplete (no {COMPLETE} marker); refusing to load it")
-    unwrap(model).load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    unwrap_model(model).load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     state = json.loads((folder / "state.json").read_text())
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))

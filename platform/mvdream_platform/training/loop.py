@@ -32,10 +32,10 @@ import torch
 
 from .. import storage
 from ..pipelines.loading import build_pipeline
-from .checkpointing import load_training_state, save_training_state, unwrap
+from .checkpointing import load_training_state, save_training_state
 from .config import TrainJobConfig
 from .losses import NoiseSchedule, diffusion_loss, drop_text
-from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm
+from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def _loader_state(loader) -> dict:
 
 def _write_final_pipeline(cfg: TrainJobConfig, pipe, unet, ema) -> None:
     """The trained model as an MVDreamPipeline folder at ``<run>/pipeline`` (EMA weights if on)."""
-    final = unwrap(unet)
+    final = unwrap_model(unet)
     if ema is not None:
         ema.copy_to(final)
     pipe.unet = final.eval()
