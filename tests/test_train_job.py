@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mvdream_platform.pipelines import MVDreamPipeline
@@ -50,10 +51,23 @@ def _logged_steps(run: Path) -> list[int]:
 
 
 def test_two_workers_train_checkpoint_resume_and_export(data, tmp_path, ray_cluster):
-    summary = _train(data, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2", "run.name=r1")
+    summary = _train(data, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2", "run.name=r1",
+                     "samples.every=3", "samples.steps=2", "samples.num_captions=2")
     run = tmp_path / "runs" / "r1"
-    assert summary["metrics"]["step"] == 4
-    assert summary["metrics"]["loss"] > 0 and summary["metrics"]["images_per_s"] > 0
+    metrics = summary["metrics"]
+    assert metrics["step"] == 4
+    assert metrics["loss"] > 0 and metrics["images_per_s"] > 0
+    # The step-time breakdown; with 2 workers the gradient all-reduce is timed too.
+    for phase in ("data", "forward", "backward", "optimizer", "allreduce"):
+        assert metrics[f"{phase}_time_s"] > 0, phase
+    assert metrics["forward_time_s"] + metrics["backward_time_s"] < metrics["step_time_s"]
+
+    # Sample grids (2 held-out captions x 4 views of 16 px) at step 3 and at the last step.
+    from PIL import Image
+
+    grids = sorted(p.name for p in (run / "tracking" / "media").glob("samples_*.png"))
+    assert grids == ["samples_3.png", "samples_4.png"]
+    assert np.asarray(Image.open(run / "tracking" / "media" / "samples_4.png")).shape == (32, 64, 3)
     checkpoints = sorted(c for c in run.glob("checkpoint_*") if c.is_dir())
     assert len(checkpoints) in (1, 2) and all((c / "COMPLETE").is_file() for c in checkpoints)
     assert _logged_steps(run) == [1, 2, 3, 4]

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..pipelines.loading import ModelConfig
+from .samples import SampleConfig
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULES = ("constant", "cosine")
@@ -124,13 +125,14 @@ class TrainJobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunSettings = field(default_factory=RunSettings)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    samples: SampleConfig = field(default_factory=SampleConfig)
     # Test hook: SIGKILL one worker process at this step on the first attempt only, to prove
     # that a run survives losing a worker. Never set in real runs.
     crash_at_step: int | None = None
 
     def validate(self) -> None:
         self.model.validate()
-        for part in (self.data, self.trainer, self.cluster, self.logger):
+        for part in (self.data, self.trainer, self.cluster, self.logger, self.samples):
             part.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,7 +142,8 @@ class TrainJobConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainJobConfig:
         """Build from nested dicts, naming any unknown key."""
         parts = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig,
-                 "cluster": ClusterConfig, "run": RunSettings, "logger": LoggerConfig}
+                 "cluster": ClusterConfig, "run": RunSettings, "logger": LoggerConfig,
+                 "samples": SampleConfig}
         unknown = sorted(set(values) - set(parts) - {"crash_at_step"})
         if unknown:
             raise ValueError(f"unknown training config sections {unknown}; allowed: {sorted(parts)}")

@@ -10,7 +10,14 @@ bottom, it is the whole algorithm:
 3. encode captions (frozen text encoder) and images (frozen codec: identity or SD's VAE);
 4. the LDM loss (eps or v) at one timestep per object; backward, clip, AdamW, lr schedule, EMA;
 5. every ``checkpoint_every`` steps rank 0 writes the full training state and every worker
-   reports to Ray Train (a barrier), so a restarted worker group resumes at the exact step.
+   reports to Ray Train (a barrier), so a restarted worker group resumes at the exact step;
+6. every ``samples.every`` steps rank 0 logs a multi-view sample grid for held-out captions.
+
+Each logged window carries the step-time breakdown: data, forward, backward (which contains
+the part of DDP's overlapped gradient all-reduce that was not hidden), optimizer (clip, AdamW,
+EMA) and, with more than one worker, the summed wall time of the bucket all-reduces themselves
+(:mod:`.comm_timing`). On CUDA the timers synchronise the device; ``loss.item()`` already does
+once per micro-step, so this adds no new stall.
 
 DDP's ``find_unused_parameters`` is on: on 2D steps the camera MLP takes no part in the loss,
 and every rank runs the same kind of step (the mixture guarantees it), so those parameters
@@ -33,9 +40,11 @@ import torch
 from .. import storage
 from ..pipelines.loading import build_pipeline
 from .checkpointing import load_training_state, save_training_state
+from .comm_timing import attach_allreduce_timer
 from .config import TrainJobConfig
 from .losses import NoiseSchedule, diffusion_loss, drop_text
 from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm, unwrap_model
+from .samples import sample_grid
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
                                                       prediction_type=cfg.trainer.prediction_type)
     unet, text_encoder, codec = pipe.unet.to(device), pipe.text_encoder.to(device), pipe.codec.to(device)
+    pipe.set_progress_bar_config(disable=True)  # sample grids log one line, not a bar
     unet.train()
     if cfg.trainer.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -89,16 +99,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_step = state["step"]
         log.info("rank %d resumed from step %d", rank, start_step)
 
-    model = unet
+    model, comm_timer = unet, None
     if world > 1:
         model = ray.train.torch.prepare_model(
             unet, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
+        comm_timer = attach_allreduce_timer(model)
 
     loader = _make_loader(cfg, rank, world, start_micro_step=start_step * cfg.trainer.grad_accumulation)
     batches = iter(loader)
     tracker = _start_tracker(cfg, rank) if rank == 0 else None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=cfg.trainer.mixed_precision == "bf16")
+    clock = _Clock(device)
 
     window = _Window()
     for step in range(start_step, cfg.trainer.max_steps):
@@ -106,24 +118,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator = step_generator(cfg.trainer.seed, rank, step)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.trainer.grad_accumulation):
-            t0 = time.perf_counter()
+            t0 = clock()
             batch = next(batches)
-            t1 = time.perf_counter()
+            t1 = clock()
             last = micro == cfg.trainer.grad_accumulation - 1
             sync = contextlib.nullcontext() if (last or world == 1) else model.no_sync()
             with sync:
                 loss, info = _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator,
                                          device, autocast)
+                t2 = clock()
                 (loss / cfg.trainer.grad_accumulation).backward()
-            window.add(loss.item(), batch, data_s=t1 - t0, compute_s=time.perf_counter() - t1)
+            window.add(loss.item(), batch, data_s=t1 - t0, forward_s=t2 - t1, backward_s=clock() - t2)
+        t3 = clock()
         grad_norm = clip_grad_norm(model, cfg.trainer.grad_clip)
         optimizer.step()
         lr_scheduler.step()
         if ema is not None:
             ema.update(unet)
+        window.add_step(optimizer_s=clock() - t3,
+                        allreduce_s=comm_timer.take()[0] if comm_timer is not None else 0.0)
 
         done = step + 1
         is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == cfg.trainer.max_steps
+        if rank == 0 and _sample_due(cfg, done):
+            # Sampling time is not training time: keep it out of this window's images/s.
+            window.start += _log_samples(cfg, pipe, model, ema, tracker, done, autocast)
         if done % cfg.trainer.log_every == 0 or is_checkpoint:
             metrics = window.flush(done, lr_scheduler.get_last_lr()[0], grad_norm, world)
             if tracker is not None:
@@ -163,25 +182,68 @@ def _make_loader(cfg: TrainJobConfig, rank: int, world: int, start_micro_step: i
     )
 
 
+def _sample_due(cfg: TrainJobConfig, step: int) -> bool:
+    every = cfg.samples.every
+    return every > 0 and (step % every == 0 or step == cfg.trainer.max_steps)
+
+
+def _log_samples(cfg: TrainJobConfig, pipe, model, ema, tracker, step: int, autocast) -> float:
+    """Rank 0: the sample grid for the held-out captions, to W&B and tracking/media; seconds."""
+    if tracker is None:
+        return 0.0
+    captions = cfg.samples.resolved_captions()
+    guidance = cfg.samples.guidance_scale or cfg.model.guidance_scale or 7.5
+    start = time.perf_counter()
+    grid = sample_grid(pipe, model, ema, cfg.samples, captions, guidance,
+                       resolution=cfg.data.resolution, autocast=autocast)
+    tracker.log_images("samples", grid, captions=[" | ".join(captions)], step=step)
+    seconds = time.perf_counter() - start
+    log.info("step %d: sample grid for %d held-out captions in %.1f s", step, len(captions), seconds)
+    return seconds
+
+
+class _Clock:
+    """perf_counter that first waits for queued CUDA work, so GPU phases are timed, not queued."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
 class _Window:
-    """Running sums between two reports: loss, images, data/compute time."""
+    """Running sums between two reports: loss, images, and the step-time breakdown."""
+
+    PHASES = ("data", "forward", "backward", "optimizer", "allreduce")
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.losses, self.images, self.data_s, self.compute_s = [], 0, 0.0, 0.0
+        self.losses, self.images, self.steps = [], 0, 0
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.kinds = {"multiview": 0, "image": 0}
         self.skipped = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: float, batch: dict, data_s: float, compute_s: float) -> None:
+    def add(self, loss: float, batch: dict, data_s: float, forward_s: float, backward_s: float) -> None:
+        """One micro-batch."""
         self.losses.append(loss)
         self.images += batch["images"].shape[0]
-        self.data_s += data_s
-        self.compute_s += compute_s
+        self.seconds["data"] += data_s
+        self.seconds["forward"] += forward_s
+        self.seconds["backward"] += backward_s
         self.kinds[batch["kind"]] += 1
         self.skipped += int(batch.get("skipped", {}).get("count", 0))
+
+    def add_step(self, optimizer_s: float, allreduce_s: float) -> None:
+        """One optimizer step (after its micro-batches)."""
+        self.steps += 1
+        self.seconds["optimizer"] += optimizer_s
+        self.seconds["allreduce"] += allreduce_s
 
     def flush(self, step: int, lr: float, grad_norm: float, world: int) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.start, 1e-9)
@@ -192,13 +254,14 @@ class _Window:
         metrics = {
             "step": step, "loss": float(loss), "lr": float(lr), "grad_norm": float(grad_norm),
             "images_per_s": self.images * world / seconds,
-            "step_time_s": seconds / max(len(self.losses), 1),
-            "data_time_s": self.data_s / max(len(self.losses), 1),
-            "compute_time_s": self.compute_s / max(len(self.losses), 1),
+            "step_time_s": seconds / max(self.steps, 1),
             "multiview_fraction": self.kinds["multiview"] / max(sum(self.kinds.values()), 1),
             "skipped_records": self.skipped,
             "max_rss_mb": _max_rss_mb(),
         }
+        # Per optimizer step, this rank's view; sampling and reporting time is not in any phase.
+        for phase, total in self.seconds.items():
+            metrics[f"{phase}_time_s"] = total / max(self.steps, 1)
         if torch.cuda.is_available():
             metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         self.reset()
