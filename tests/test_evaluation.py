@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mvdream_platform.data.shapes import COLOURS
 from mvdream_platform.evaluation import (
@@ -14,8 +15,10 @@ from mvdream_platform.evaluation import (
     classify_colour,
     foreground_mask,
     held_out_objects,
+    open_colour_captions,
     render_ground_truth,
     shaded_palette,
+    views_agree,
 )
 
 from jobs_helpers import compose, import_job
@@ -59,10 +62,35 @@ def test_ground_truth_renders_score_perfectly_against_themselves():
 def test_evaluate_job_writes_report_and_grid(tmp_path):
     out = tmp_path / "eval"
     record = import_job("evaluate").run(compose("evaluate", [
-        "model=tiny_init", "num_objects=3", "steps=2", "resolution=16", f"out={out}"]))
+        "model=tiny_init", "num_objects=3", "steps=2", "resolution=16", "open_colour_sets=0",
+        f"out={out}"]))
     saved = json.loads((out / "report.json").read_text())
     assert saved["objects"] == 3 and saved["views"] == 12 == record["views"]
     assert saved["gt_colour_accuracy"] > 0.9  # the metric itself works on ground truth
     assert 0.0 <= saved["colour_accuracy"] <= 1.0 and 0.0 <= saved["mean_iou"] <= 1.0
     assert len(saved["per_object"]) == 3 and len(saved["per_object"][0]["views"]) == 4
     assert (out / "grid.png").stat().st_size > 0
+    assert saved["open_colour_agreement"] is None and not (out / "open_colour_grid.png").exists()
+
+
+def test_views_agree_counts_sets_and_pairs():
+    assert views_agree(["red"] * 4) == (True, 1.0)
+    assert views_agree(["red", "red", "blue", "blue"]) == (False, pytest.approx(2 / 6))
+    assert views_agree(["red", None, "red", "red"]) == (False, pytest.approx(3 / 6))  # no foreground
+    assert open_colour_captions()[:2] == ["a cube", "a sphere"]
+    assert not any(c in caption for caption in open_colour_captions() for c in COLOURS)
+
+
+def test_evaluate_job_scores_colour_open_consistency(tmp_path):
+    out = tmp_path / "eval"
+    record = import_job("evaluate").run(compose("evaluate", [
+        "model=tiny_init", "num_objects=1", "steps=2", "resolution=16", "open_colour_sets=1",
+        "batch_prompts=10", f"out={out}"]))
+    assert record["open_colour_sets"] == len(open_colour_captions())
+    assert len(record["per_open_set"]) == record["open_colour_sets"]
+    assert all(len(s["colours"]) == 4 for s in record["per_open_set"])
+    expected = sum(s["agree"] for s in record["per_open_set"]) / record["open_colour_sets"]
+    assert record["open_colour_agreement"] == pytest.approx(expected)
+    assert 0.0 <= record["open_colour_pairwise"] <= 1.0
+    grid = np.asarray(Image.open(out / "open_colour_grid.png"))
+    assert grid.shape == (16 * record["open_colour_sets"], 4 * 16, 3)
