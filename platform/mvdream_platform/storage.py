@@ -48,6 +48,16 @@ def exists(uri: str | os.PathLike) -> bool:
     return fs.exists(path)
 
 
+def remove(uri: str | os.PathLike, missing_ok: bool = True) -> None:
+    """Delete one file (no error when it is already gone, unless ``missing_ok`` is False)."""
+    fs, path = url_to_fs(os.fspath(uri))
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
 def makedirs(uri: str | os.PathLike) -> None:
     fs, path = url_to_fs(os.fspath(uri))
     fs.makedirs(path, exist_ok=True)

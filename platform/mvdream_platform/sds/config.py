@@ -1,0 +1,154 @@
+"""Plain dataclasses of a text-to-3D run (the Hydra job fills them; notebooks can too).
+
+Defaults are the embedded default's CPU settings; ``conf/sds/reference.yaml`` holds the
+paper's (MVDream-threestudio) numbers for SD-sized models on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import field as dc_field  # SDSConfig has a member named `field`
+from typing import Any
+
+from .field import FieldConfig
+from .guidance import GuidanceConfig
+from .render import RenderConfig
+from .shading import ShadingConfig
+
+GUIDANCE_KINDS = ("mvdream", "dreamfusion")
+
+
+@dataclass
+class CameraConfig:
+    """SDS training cameras (groups of ``views`` views 90 degrees apart) and the eval orbit."""
+
+    groups: int = 1  # camera groups per step
+    views: int = 4
+    resolution: int = 32
+    # [[step, resolution, groups], ...]: from ``step`` on, render at ``resolution`` with
+    # ``groups`` groups (the reference: [[5000, 256, 4]] after 64 px with 8 groups).
+    schedule: list[list[int]] = dc_field(default_factory=list)
+    elevation_range: tuple[float, float] = (0.0, 30.0)
+    fovy_range: tuple[float, float] = (15.0, 60.0)
+    distance_range: tuple[float, float] = (0.8, 1.0)  # times 1/tan(fovy/2)
+    relative_distance: bool = True
+    sphere_uniform_prob: float = 0.5
+    eval_elevation: float = 15.0
+    eval_distance: float = 3.0
+    eval_fovy: float = 40.0
+
+    def at_step(self, step: int) -> tuple[int, int]:
+        """(resolution, groups) in force at ``step``."""
+        resolution, groups = self.resolution, self.groups
+        for start, res, grp in sorted(self.schedule):
+            if step >= start:
+                resolution, groups = int(res), int(grp)
+        return resolution, groups
+
+    def validate(self) -> None:
+        if self.groups < 1 or self.views < 1 or self.resolution < 8:
+            raise ValueError(f"sds.cameras: groups and views must be >= 1 and resolution >= 8, got "
+                             f"{self.groups}, {self.views}, {self.resolution}")
+        for entry in self.schedule:
+            if len(entry) != 3 or min(entry) < 0 or entry[1] < 8 or entry[2] < 1:
+                raise ValueError(f"sds.cameras.schedule entries are [step, resolution>=8, groups>=1], got {entry}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-group learning rates (reference: grid 1e-2, MLPs 1e-3)."""
+
+    lr_encoding: float = 1e-2
+    lr_mlp: float = 1e-3
+    lr_background: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    # Orientation loss weight: linear from ``orient_start`` at step 0 to ``orient_end`` at
+    # ``orient_end_step`` (reference: 10 -> 1000 by 5000). Needs normals, i.e. shading.
+    orient_start: float = 10.0
+    orient_end: float = 1000.0
+    orient_end_step: int = 5000
+    grad_clip: float | None = None
+
+    def orientation_weight(self, step: int) -> float:
+        if self.orient_end_step <= 0:
+            return self.orient_end
+        frac = min(max(step / self.orient_end_step, 0.0), 1.0)
+        return self.orient_start + frac * (self.orient_end - self.orient_start)
+
+    def validate(self) -> None:
+        for name in ("lr_encoding", "lr_mlp", "lr_background"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"sds.optim.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class ExportConfig:
+    mesh_resolution: int = 128
+    mesh_threshold: Any = "auto"  # "auto" or a density value
+    mesh_formats: tuple[str, ...] = ("glb", "obj", "ply")
+    turntable_frames: int = 36
+    turntable_resolution: int = 64
+    turntable_fps: float = 12.0
+    quality_views: int = 8  # held-out orbit views for the ground-truth scores
+
+
+@dataclass
+class SDSConfig:
+    """Everything a text-to-3D run needs besides the prompt, model and output folder."""
+
+    steps: int = 600
+    guidance_kind: str = "mvdream"  # mvdream | dreamfusion (2D baseline)
+    field: FieldConfig = dc_field(default_factory=FieldConfig)
+    render: RenderConfig = dc_field(default_factory=RenderConfig)
+    shading: ShadingConfig = dc_field(default_factory=ShadingConfig)
+    guidance: GuidanceConfig = dc_field(default_factory=GuidanceConfig)
+    cameras: CameraConfig = dc_field(default_factory=CameraConfig)
+    optim: OptimConfig = dc_field(default_factory=OptimConfig)
+    export: ExportConfig = dc_field(default_factory=ExportConfig)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    render_every: int = 100  # W&B/media renders of the eval orbit
+    # Normals (and so the orientation loss) on albedo steps too, as the reference does; off
+    # saves a double backward per warm-up step on CPU.
+    normals_every_step: bool = False
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.guidance_kind not in GUIDANCE_KINDS:
+            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {self.guidance_kind!r}")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.render_every < 1:
+            raise ValueError("checkpoint_every, log_every and render_every must be >= 1")
+        for part in (self.cameras, self.optim, self.guidance):
+            if hasattr(part, "validate"):
+                part.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SDSConfig:
+        """Build from nested dicts (Hydra's resolved config), naming any unknown key."""
+        return _build(cls, values, "sds")
+
+
+def _build(kind, values: dict[str, Any] | None, where: str):
+    values = dict(values or {})
+    known = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {where} keys {unknown}; allowed: {sorted(known)}")
+    built = {}
+    for name, value in values.items():
+        default = kind.__dataclass_fields__[name].default_factory if callable(
+            kind.__dataclass_fields__[name].default_factory) else None
+        sub = default() if default is not None else None
+        if sub is not None and is_dataclass(sub) and isinstance(value, dict):
+            built[name] = _build(type(sub), value, f"{where}.{name}")
+        elif isinstance(value, list) and isinstance(getattr(kind, name, None), tuple):
+            built[name] = tuple(value)
+        else:
+            built[name] = value
+    return kind(**built)
