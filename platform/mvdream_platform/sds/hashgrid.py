@@ -21,14 +21,14 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["HASH_PRIMES", "HashGridEncoding", "level_resolutions"]
+__all__ = ["CORNERS", "HASH_PRIMES", "HashGridEncoding", "level_resolutions"]
 
 # The primes of the Instant-NGP paper (the first is 1 for memory coherence along x).
 HASH_PRIMES = (1, 2654435761, 805459861)
 
 # Corner k of a cell is the vertex cell + (k >> 2 & 1, k >> 1 & 1, k & 1): x varies slowest,
 # the order a (2, 2, 2) broadcast over the axes flattens to.
-_CORNERS = tuple(((k >> 2) & 1, (k >> 1) & 1, k & 1) for k in range(8))
+CORNERS = tuple(((k >> 2) & 1, (k >> 1) & 1, k & 1) for k in range(8))
 
 
 def level_resolutions(n_levels: int, base_resolution: int, per_level_scale: float) -> list[int]:
@@ -98,8 +98,6 @@ class HashGridEncoding(nn.Module):
                              persistent=False)
         self.register_buffer("_primes", torch.tensor(HASH_PRIMES, dtype=torch.int64),
                              persistent=False)
-        self.register_buffer("_corners", torch.tensor(_CORNERS, dtype=torch.int64),
-                             persistent=False)
         # All levels' tables in one parameter (sum of table sizes, F): one gather per call.
         self.embeddings = nn.Parameter(torch.empty(sum(sizes), n_features_per_level))
         nn.init.uniform_(self.embeddings, -init_scale, init_scale)
@@ -108,41 +106,31 @@ class HashGridEncoding(nn.Module):
     def n_output_dims(self) -> int:
         return self.n_levels * self.n_features_per_level
 
-    def corner_indices_and_weights(self, x: torch.Tensor, with_derivatives: bool = False
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def corner_indices_and_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Table rows and trilinear weights of every cell corner at every level.
 
         Args:
-            x: (P, 3) points in [0, 1] (clamped).
-            with_derivatives: also return the weights' derivatives w.r.t. x.
+            x: (P, 3) points in [0, 1] (clamped; no gradient flows to clamped coordinates).
 
         Returns:
             indices: (P, L, 8) int64 rows of ``embeddings`` (level offsets included); corner
-                ``k`` is the vertex ``cell + _CORNERS[k]``.
-            weights: (P, L, 8) in x's dtype, summing to 1 over the corners.
-            dweights: (P, L, 8, 3) d weights / d x (closed form), or None.
+                ``k`` is the vertex ``cell + CORNERS[k]``.
+            weights: (P, L, 8) in x's dtype, summing to 1 over the corners; differentiable
+                (twice) with respect to ``x``.
         """
         if x.ndim != 2 or x.shape[-1] != 3:
             raise ValueError(f"points must have shape (P, 3), got {tuple(x.shape)}")
         res = self._resolution  # (L,)
-        res_f = res.to(x.dtype)
-        pos = x.clamp(0.0, 1.0)[:, None, :] * res_f[:, None]  # (P, L, 3)
+        pos = x.clamp(0.0, 1.0)[:, None, :] * res[:, None].to(x.dtype)  # (P, L, 3)
         # Clamp the cell so x = 1 lies in the last cell (at its far face, f = 1).
         cell = torch.minimum(pos.detach().floor().long(), (res - 1)[:, None])  # (P, L, 3)
-        frac = pos - cell.to(x.dtype)  # (P, L, 3)
+        frac = pos - cell.to(x.dtype)  # (P, L, 3); carries d/dx for analytic normals
 
         # Everything here is separable over the axes: (P, L, 2) factors per axis (near and far
         # vertex) combined by a (2, 2, 2) broadcast, instead of (P, L, 8, 3) tensors (5x
         # faster on CPU). Weight of a corner: product over axes of f (far) or 1 - f (near).
-        factors = [torch.stack([1 - f, f], dim=-1) for f in frac.unbind(-1)]
-        weights = _outer3(*factors, combine=torch.mul)  # (P, L, 8)
-        dweights = None
-        if with_derivatives:
-            # d/dx_a replaces axis a's factor (1 - f, f) by (-N_l, N_l).
-            slope = torch.stack([-res_f, res_f], dim=-1)  # (L, 2)
-            dweights = torch.stack(
-                [_outer3(*(slope if b == a else factors[b] for b in range(3)), combine=torch.mul)
-                 for a in range(3)], dim=-1)  # (P, L, 8, 3)
+        weights = _outer3(*(torch.stack([1 - f, f], dim=-1) for f in frac.unbind(-1)),
+                          combine=torch.mul)  # (P, L, 8)
 
         near_far = torch.stack([cell, cell + 1], dim=-1)  # (P, L, 3, 2)
         n_dense = self._n_dense  # dense levels are the coarse ones, first
@@ -159,33 +147,17 @@ class HashGridEncoding(nn.Module):
             hashed = _outer3(*v.unbind(2), combine=torch.bitwise_xor)
             parts.append(hashed & (self.hashmap_size - 1))
         local = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (P, L, 8)
-        return local + self._offsets[:, None], weights, dweights
+        return local + self._offsets[:, None], weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(P, 3) points in [0, 1] -> (P, L * F) features.
-
-        Gradients w.r.t. the tables are exact. When ``x`` requires grad, the weights are
-        computed at ``stopgrad(x)`` and linearised, ``w + (dw/dx) (x - stopgrad(x))``: the same
-        values, the exact first derivative w.r.t. ``x`` (in closed form), and a derivative
-        graph that is linear in the tables. Analytic normals then train the tables with
-        first-order autograd through (P, L, 8) tensors, about 2x cheaper than differentiating
-        the interpolation twice. Second derivatives w.r.t. ``x`` (the Hessian) are not
-        represented (they read as 0).
-        """
-        with_derivatives = x.requires_grad and torch.is_grad_enabled()
-        indices, weights, dweights = self.corner_indices_and_weights(
-            x.detach(), with_derivatives=with_derivatives)
-        if with_derivatives:
-            # Zero-valued displacement carrying d/dx; clamped coordinates have no derivative.
-            inside = ((x >= 0) & (x <= 1)).to(x.dtype)
-            dx = (x - x.detach()) * inside  # (P, 3)
-            weights = weights + (dweights * dx[:, None, None, :]).sum(dim=-1)
-        # index_select's backward is an index_add (faster on CPU than embedding's or advanced
-        # indexing's backward).
-        values = self.embeddings.index_select(0, indices.reshape(-1))
-        values = values.reshape(*indices.shape, self.n_features_per_level)  # (P, L, 8, F)
-        features = (weights[..., None] * values).sum(dim=2)  # (P, L, F)
-        return features.reshape(x.shape[0], self.n_output_dims)
+        """(P, 3) points in [0, 1] -> (P, L * F) features (twice differentiable in x)."""
+        indices, weights = self.corner_indices_and_weights(x)
+        # Gather each feature plane separately: (P, L, 8) products with no size-F inner
+        # dimension vectorise better on CPU; index_select's backward is an index_add.
+        flat = indices.reshape(-1)
+        features = [(weights * table.index_select(0, flat).view_as(weights)).sum(dim=-1)
+                    for table in self.embeddings.unbind(1)]  # F x (P, L)
+        return torch.stack(features, dim=-1).reshape(x.shape[0], self.n_output_dims)
 
 
 def _outer3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, combine) -> torch.Tensor:

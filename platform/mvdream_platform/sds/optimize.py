@@ -58,7 +58,9 @@ class Scene:
     renderer: VolumeRenderer
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"field": self.field, "background": self.background}
+        """What a checkpoint holds: the weights and the occupancy grid (CUDA path state)."""
+        return {"field": self.field, "background": self.background,
+                "occupancy": self.renderer.estimator}
 
 
 def build_scene(cfg: SDSConfig, seed: int, device: torch.device | str = "cpu") -> Scene:
@@ -178,7 +180,7 @@ def train_step(scene: Scene, guidance, optimizer, prompt: str, cfg: SDSConfig, s
     return {"loss": float(loss.detach()), "loss_sds": float(g.loss.detach()),
             "loss_orient": float(orient.detach()) if orient is not None else 0.0,
             "t": float(g.t), "min_step": float(g.min_step), "max_step": float(g.max_step),
-            "resolution": float(resolution), "opacity": float(out["opacity"].mean())}
+            "resolution": float(resolution), "opacity": float(out["opacity"].detach().mean())}
 
 
 @torch.no_grad()
@@ -204,10 +206,9 @@ def render_orbit(scene: Scene, cfg: SDSConfig, num_views: int, resolution: int,
     scene.renderer.eval()  # bin centres, no jitter: the same field renders the same pictures
     try:
         for i in range(0, len(c2w), chunk):
-            with torch.enable_grad():  # analytic normals differentiate the density
-                out = scene.renderer.render(c2w[i:i + chunk], fovy[i:i + chunk], resolution, resolution,
-                                            shading=mode, bg_color=torch.zeros(3, device=device),
-                                            with_normals=mode.needs_normals)
+            out = scene.renderer.render(c2w[i:i + chunk], fovy[i:i + chunk], resolution, resolution,
+                                        shading=mode, bg_color=torch.zeros(3, device=device),
+                                        with_normals=mode.needs_normals)
             over_black.append(out["rgb"].detach().clamp(0, 1))
             opacities.append(out["opacity"].detach().clamp(0, 1))
     finally:

@@ -53,6 +53,8 @@ class RenderConfig:
         density * step size stays above the threshold are kept.
     cuda_samples_per_ray: sets the CUDA path's march step, sqrt(3) * 2 * radius / this.
     alpha_threshold, early_stop_eps: CUDA path pruning of transparent / hidden samples.
+    eval_chunk_size: under ``torch.no_grad()`` the field is queried this many points at a time
+        (big evaluation renders then need little memory); with gradients it is queried at once.
     """
 
     radius: float = 1.0
@@ -68,6 +70,7 @@ class RenderConfig:
     cuda_samples_per_ray: int = 512
     alpha_threshold: float = 0.01
     early_stop_eps: float = 1e-4
+    eval_chunk_size: int = 65536
 
     @property
     def render_step_size(self) -> float:
@@ -79,7 +82,7 @@ class RenderConfig:
         if not self.radius > 0:
             raise ValueError(f"radius must be > 0, got {self.radius!r}")
         for name in ("num_samples_per_ray", "occ_grid_resolution", "occ_grid_levels",
-                     "occ_update_interval", "cuda_samples_per_ray"):
+                     "occ_update_interval", "cuda_samples_per_ray", "eval_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -173,6 +176,10 @@ class VolumeRenderer(nn.Module):
         super().__init__()
         config = RenderConfig() if config is None else config
         config.validate()
+        field_radius = getattr(getattr(field, "config", None), "radius", config.radius)
+        if field_radius != config.radius:
+            raise ValueError(f"RenderConfig.radius ({config.radius}) must equal the field's "
+                             f"radius ({field_radius}): the renderer samples the field's sphere")
         self.config = config
         self.field = field
         self.background = background
@@ -307,6 +314,18 @@ class VolumeRenderer(nn.Module):
                 0, samples.ray_ids, per_ray)
         return weights.reshape(-1), sums
 
+    def _query_field(self, points: torch.Tensor, with_normals: bool) -> FieldOutput:
+        """The field at (P, 3) points; in chunks when no graph is being recorded."""
+        chunk = self.config.eval_chunk_size
+        if torch.is_grad_enabled() or points.shape[0] <= chunk:
+            return self.field(points, with_normals=with_normals)
+        parts = [self.field(points[i:i + chunk], with_normals=with_normals)
+                 for i in range(0, points.shape[0], chunk)]
+        return FieldOutput(
+            density=torch.cat([p.density for p in parts]),
+            albedo=torch.cat([p.albedo for p in parts]),
+            normal=torch.cat([p.normal for p in parts]) if with_normals else None)
+
     # ------------------------------------------------------------------ render
     def _resolve_shading(self, shading: str | Shading, light_positions: torch.Tensor | None,
                          c2w: torch.Tensor) -> tuple[Shading, torch.Tensor | None]:
@@ -404,7 +423,7 @@ class VolumeRenderer(nn.Module):
         t_mid = samples.t_mid.reshape(-1, 1)  # (n_samples, 1)
         sample_dirs = samples.per_sample(directions)
         points = samples.per_sample(origins) + t_mid * sample_dirs
-        out: FieldOutput = self.field(points, with_normals=with_normals)
+        out = self._query_field(points, with_normals)
         sample_lights = None
         if lights is not None:
             # The light of each ray's view (rays are view-major: view = ray // (H W)).
