@@ -19,7 +19,7 @@ from mvdream_platform import storage
 from mvdream_platform.evaluation import EvalSettings, evaluate, open_colour_consistency
 from mvdream_platform.pipelines.loading import build_pipeline
 
-from _common import model_config_from, pick_device, save_resolved_config
+from _common import expand_model_argv, model_config_from, pick_device, save_resolved_config
 
 log = logging.getLogger("evaluate")
 
@@ -52,4 +52,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_model_argv()
     main()

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from mvdream_platform.generation import GenerationRequest, generate, write_generation
 from mvdream_platform.pipelines.loading import build_pipeline
 
-from _common import model_config_from, pick_device, save_resolved_config
+from _common import expand_model_argv, model_config_from, pick_device, save_resolved_config
 
 log = logging.getLogger("generate")
 
@@ -50,4 +50,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_model_argv()
     main()

@@ -4,8 +4,8 @@
     python jobs/text_to_3d.py prompt="a red cube" guidance=dreamfusion ...   # the 2D baseline
     python jobs/text_to_3d.py sds=reference model=/models/mvdream-sd21 prompt="an astronaut riding a horse"
 
-``model`` is a name from conf/model/ (tiny, trained, ...) or an MVDreamPipeline folder (path or
-fsspec URI). Writes mesh.{glb,obj,ply}, turntable.{gif,mp4}, multiview.png, metrics.json and
+``model`` is a name from conf/model/ (tiny, sd21_base, ...) or an MVDreamPipeline folder
+(path or fsspec URI; rewritten to ``model=trained model.path=...`` before Hydra composes). Writes mesh.{glb,obj,ply}, turntable.{gif,mp4}, multiview.png, metrics.json and
 resumable field checkpoints into ``out``; rerunning with the same ``out`` resumes.
 """
 
@@ -19,28 +19,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage
-from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
+from mvdream_platform.pipelines.loading import build_pipeline
 from mvdream_platform.sds.config import SDSConfig
 from mvdream_platform.sds.pipeline import run_text_to_3d
 from mvdream_platform.tracking import start_tracking
 
-from _common import pick_device, save_resolved_config
+from _common import expand_model_argv, model_config_from, pick_device, save_resolved_config
 
 log = logging.getLogger("text_to_3d")
-
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
-
-
-def model_config_for(value: str) -> ModelConfig:
-    """A conf/model/<name>.yaml, or any MVDreamPipeline folder given by path or URI."""
-    named = MODEL_CONFIGS / f"{value}.yaml"
-    if "/" not in value and named.is_file():
-        return ModelConfig(**OmegaConf.to_container(OmegaConf.load(named), resolve=True))
-    if not storage.is_local(value) or Path(value).is_dir() or (MODEL_CONFIGS.parents[1] / value).is_dir():
-        return ModelConfig(name=Path(value.rstrip("/")).name, source="pipeline", path=value, trained=True)
-    names = sorted(p.stem for p in MODEL_CONFIGS.glob("*.yaml"))
-    raise ValueError(f"model={value!r} is neither a model config ({', '.join(names)}) nor a pipeline folder")
-
 
 def sds_config_from(cfg: DictConfig) -> SDSConfig:
     values = OmegaConf.to_container(cfg.sds, resolve=True, throw_on_missing=True)
@@ -54,7 +40,7 @@ def sds_config_from(cfg: DictConfig) -> SDSConfig:
 def run(cfg: DictConfig) -> dict:
     sds = sds_config_from(cfg)
     sds.validate()
-    model = model_config_for(str(cfg.model))
+    model = model_config_from(cfg.model)
     device = pick_device(cfg.device)
     pipe = build_pipeline(model, device=device, seed=cfg.seed)
     pipe.set_progress_bar_config(disable=True)
@@ -89,4 +75,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    expand_model_argv()
     main()
