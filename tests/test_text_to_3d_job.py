@@ -56,6 +56,9 @@ def test_job_writes_every_asset_and_ground_truth_metrics(tmp_path):
     # metrics.jsonl from the local tracker: one line per step (log_every=1)
     steps = [json.loads(line)["step"] for line in (out / "tracking" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    logged = json.loads((out / "tracking" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["min_step"] <= logged["t"] <= logged["max_step"]  # the annealed range is logged
+    assert (out / "tracking" / "media" / "renders_4.png").is_file()  # renders of the eval orbit
 
 
 def test_prompts_outside_the_vocabulary_get_no_made_up_quality(tmp_path):
