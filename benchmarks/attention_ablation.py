@@ -88,11 +88,11 @@ def main() -> None:
         rows.append(score(name, Path(args.runs) / name, settings, Path(args.grids)))
         print(json.dumps(rows[-1]), flush=True)
 
-    print("\n| attention | steps | final loss | s/step | colour-open sets agreeing | view pairs agreeing "
+    print("\n| attention | steps | final loss | colour-open sets agreeing | view pairs agreeing "
           "| colour correct | silhouette IoU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['attention_mode']} | {r['steps']} | {r['final_loss']:.4f} | {r['step_time_s']:.2f} | "
+        print(f"| {r['attention_mode']} | {r['steps']} | {r['final_loss']:.4f} | "
               f"{r['open_colour_agreement']:.1%} ({r['open_colour_sets']}) | {r['open_colour_pairwise']:.1%} | "
               f"{r['colour_accuracy']:.1%} | {r['mean_iou']:.3f} |")
     record = {"benchmark": "attention_ablation", "date": time.strftime("%Y-%m-%d"),

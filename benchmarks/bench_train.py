@@ -34,8 +34,14 @@ import torch
 from mvdream_platform.data import prepare
 from mvdream_platform.pipelines.loading import ModelConfig
 from mvdream_platform.tracking import read_metrics
-from mvdream_platform.training.config import (ClusterConfig, DataConfig, LoggerConfig, RunSettings,
-                                              TrainerConfig, TrainJobConfig)
+from mvdream_platform.training.config import (
+    ClusterConfig,
+    DataConfig,
+    LoggerConfig,
+    RunSettings,
+    TrainerConfig,
+    TrainJobConfig,
+)
 from mvdream_platform.training.samples import SampleConfig
 from mvdream_platform.training.trainer import ensure_ray, run_training
 
@@ -140,7 +146,7 @@ def main() -> None:
                            "warmup_steps": args.warmup, "repeats": args.repeats},
               "runs": summary, "speedup_2_vs_1": round(ratio, 3), "target": 1.6}
 
-    print(f"\n| workers | images/s | s/step | data | forward | backward | optimizer | other | allreduce (overlapped) |")
+    print("\n| workers | images/s | s/step | data | forward | backward | optimizer | other | allreduce (overlapped) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in summary:
         print(f"| {r['workers']} | {r['images_per_s']:.1f} | {r['step_time_s']:.3f} | {r['data_s']:.3f} | "

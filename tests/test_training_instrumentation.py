@@ -78,8 +78,8 @@ def test_sample_grid_shape_determinism_and_no_side_effects():
 
 
 def test_sample_config_defaults_to_held_out_captions_and_validates():
-    from mvdream_platform.evaluation import HELD_OUT_START
     from mvdream_platform.data.shapes import make_object
+    from mvdream_platform.evaluation import HELD_OUT_START
 
     captions = SampleConfig(num_captions=3).resolved_captions()
     assert captions == [make_object(HELD_OUT_START + i, seed=0).caption for i in range(3)]
