@@ -57,6 +57,7 @@ def test_two_workers_train_checkpoint_resume_and_export(data, tmp_path, ray_clus
     metrics = summary["metrics"]
     assert metrics["step"] == 4
     assert metrics["loss"] > 0 and metrics["images_per_s"] > 0
+    assert 0 < metrics["samples_per_s"] <= metrics["images_per_s"]
     # The step-time breakdown; with 2 workers the gradient all-reduce is timed too.
     for phase in ("data", "forward", "backward", "optimizer", "allreduce"):
         assert metrics[f"{phase}_time_s"] > 0, phase

@@ -223,7 +223,7 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.losses, self.images, self.steps = [], 0, 0
+        self.losses, self.images, self.samples, self.steps = [], 0, 0, 0
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.kinds = {"multiview": 0, "image": 0}
         self.skipped = 0
@@ -233,6 +233,8 @@ class _Window:
         """One micro-batch."""
         self.losses.append(loss)
         self.images += batch["images"].shape[0]
+        # A sample is one object (its 4 views) on multi-view steps, one image on 2D steps.
+        self.samples += batch["images"].shape[0] // batch["num_frames"]
         self.seconds["data"] += data_s
         self.seconds["forward"] += forward_s
         self.seconds["backward"] += backward_s
@@ -254,6 +256,7 @@ class _Window:
         metrics = {
             "step": step, "loss": float(loss), "lr": float(lr), "grad_norm": float(grad_norm),
             "images_per_s": self.images * world / seconds,
+            "samples_per_s": self.samples * world / seconds,
             "step_time_s": seconds / max(self.steps, 1),
             "multiview_fraction": self.kinds["multiview"] / max(sum(self.kinds.values()), 1),
             "skipped_records": self.skipped,
