@@ -104,3 +104,16 @@ def test_bad_input_is_rejected_by_name(tmp_path):
         _run(tmp_path, "s", "guidance_scale=-1", "steps=1")
     with pytest.raises(ValueError, match=r"sds.cameras.*bogus|bogus"):
         job.run(compose("text_to_3d", FAST + [f"out={tmp_path / 'x'}", "+sds.cameras.bogus=1"]))
+
+
+def test_on_log_reports_every_window_and_the_committed_checkpoints(tmp_path):
+    from mvdream_platform.pipelines.loading import build_pipeline
+    from mvdream_platform.sds.pipeline import run_text_to_3d
+
+    job, common = import_job("text_to_3d"), import_job("_common")
+    cfg = compose("text_to_3d", FAST + [f"out={tmp_path / 'cb'}", "steps=4"])
+    calls = []
+    run_text_to_3d("a red cube", build_pipeline(common.model_config_from(cfg.model)), job.sds_config_from(cfg),
+                   str(tmp_path / "cb"), progress=False, on_log=lambda m, ck: calls.append((m["step"], ck)))
+    folder = str(tmp_path / "cb" / "checkpoints")
+    assert calls == [(1, None), (2, folder), (3, None), (4, folder)]  # checkpoint_every=2

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +95,8 @@ class RunResult:
 
 
 def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed: int = 0,
-             tracker=None, progress: bool = True) -> RunResult:
+             tracker=None, progress: bool = True,
+             on_log: Callable[[dict[str, float], str | None], None] | None = None) -> RunResult:
     """Run (or resume) the SDS optimisation of ``scene`` for ``prompt`` into ``out``.
 
     Args:
@@ -103,6 +105,9 @@ def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed:
         pipe: any MVDreamPipeline (pixel or latent; the prior, frozen).
         out: the run's output folder (path or fsspec URI).
         tracker: a :class:`mvdream_platform.tracking.Tracker` or None.
+        on_log: called after every logged window as ``on_log(metrics, checkpoint_folder)``;
+            ``checkpoint_folder`` is ``out/checkpoints`` when this step also committed a
+            checkpoint, else None (Ray Tune trials report through it).
     """
     from tqdm import tqdm
 
@@ -139,8 +144,11 @@ def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed:
         if tracker is not None and (done % cfg.render_every == 0 or done == cfg.steps):
             views = render_orbit(scene, cfg, num_views=4, resolution=cfg.cameras.resolution)
             tracker.log_images("renders", views["rgb"], step=done, ncols=4)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if saved:
             save_checkpoint(folder, done, scene.modules(), optimizer)
+        if on_log is not None and history and history[-1]["step"] == done:
+            on_log(history[-1], folder if saved else None)
     return RunResult(steps=cfg.steps, seconds=time.perf_counter() - began, resumed_from=start,
                      history=history)
 

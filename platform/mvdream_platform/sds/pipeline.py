@@ -31,14 +31,19 @@ log = logging.getLogger(__name__)
 
 
 def run_text_to_3d(prompt: str, pipe, cfg: SDSConfig, out: str, *, seed: int = 0,
-                   device: torch.device | str = "cpu", tracker=None, progress: bool = True) -> dict[str, Any]:
-    """Optimise, export and score; returns the metrics record (also written to metrics.json)."""
+                   device: torch.device | str = "cpu", tracker=None, progress: bool = True,
+                   on_log=None) -> dict[str, Any]:
+    """Optimise, export and score; returns the metrics record (also written to metrics.json).
+
+    ``on_log(metrics, checkpoint_folder_or_None)`` is passed to :func:`.optimize.optimise`.
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
     cfg.validate()
     began = time.perf_counter()
     scene = build_scene(cfg, seed=seed, device=device)
-    result = optimise(scene, pipe, prompt, cfg, out, seed=seed, tracker=tracker, progress=progress)
+    result = optimise(scene, pipe, prompt, cfg, out, seed=seed, tracker=tracker, progress=progress,
+                      on_log=on_log)
     assets = export_assets(scene, cfg, out)
     record: dict[str, Any] = {
         "prompt": prompt, "seed": seed, "guidance": cfg.guidance_kind, "steps": result.steps,
