@@ -3,6 +3,7 @@
     python jobs/text_to_3d.py prompt="a red cube" steps=600 seed=0 model=tiny out=outputs/red_cube
     python jobs/text_to_3d.py prompt="a red cube" guidance=dreamfusion ...   # the 2D baseline
     python jobs/text_to_3d.py sds=reference model=/models/mvdream-sd21 prompt="an astronaut riding a horse"
+    python jobs/text_to_3d.py -m seed=0,1 hydra/launcher=ray_tasks   # a sweep: mvdream_platform.sweeps
 
 ``model`` is a name from conf/model/ (tiny, sd21_base, ...) or an MVDreamPipeline folder
 (path or fsspec URI; rewritten to ``model=trained model.path=...`` before Hydra composes). Writes mesh.{glb,obj,ply}, turntable.{gif,mp4}, multiview.png, metrics.json and
@@ -16,9 +17,11 @@ import zlib
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mvdream_platform import storage
+from mvdream_platform import storage, sweeps
 from mvdream_platform.pipelines.loading import build_pipeline
 from mvdream_platform.sds.config import SDSConfig
 from mvdream_platform.sds.pipeline import run_text_to_3d
@@ -70,8 +73,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="text_to_3d", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> dict:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # -m: each job its own folder, <sweep dir>/<job num>
+        cfg.out = sweeps.job_out(cfg.out, hydra_cfg.overrides.task, hydra_cfg.runtime.output_dir)
+    return run(cfg)
 
 
 if __name__ == "__main__":
