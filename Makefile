@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Text-to-3D of the default prompt on the embedded default (CPU, a few minutes): prints the
+# paths of the .glb, the .gif and metrics.json.
 demo: setup
-	$(PY) jobs/generate.py
+	$(PY) jobs/text_to_3d.py
 
 test: setup
 	$(PY) -m pytest tests
@@ -28,6 +30,10 @@ bench: setup
 	$(PY) benchmarks/bench_unet.py
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_sds.py
+	$(PY) benchmarks/bench_sds_quality.py
+	$(PY) benchmarks/bench_tune.py
 
 lint: setup
 	$(PY) -m ruff check platform jobs tests benchmarks dashboards
