@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from mvdream_platform import storage
-from mvdream_platform.evaluation import EvalSettings, evaluate, open_colour_consistency
+from mvdream_platform.evaluation import EvalReport, EvalSettings, evaluate, open_colour_consistency, score_open_sets
 from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.tracking import read_metrics
 
@@ -62,9 +62,34 @@ def score(name: str, run: Path, settings: EvalSettings, grids: Path) -> dict:
             "open_colour_sets": report.open_colour_sets,
             "open_colour_agreement": report.open_colour_agreement,
             "open_colour_pairwise": report.open_colour_pairwise,
+            "open_colour_object_views": report.open_colour_object_views,
             "objects": report.objects, "colour_accuracy": report.colour_accuracy,
             "mean_iou": report.mean_iou, "mean_iou_raw": report.mean_iou_raw,
             "eval_seconds": time.perf_counter() - start}
+
+
+def rescore(name: str, run: Path, settings: EvalSettings, grids: Path) -> dict:
+    """Score a run again from its saved samples (report.json + open_colour_grid.png), e.g.
+    after a metric fix, without sampling again: the images are the same, only the scoring runs."""
+    import numpy as np
+    from PIL import Image
+
+    saved = json.loads((grids / name / "report.json").read_text())
+    grid = np.asarray(Image.open(grids / name / "open_colour_grid.png")).astype(np.float32) / 255
+    size = grid.shape[1] // settings.num_views
+    sets = [grid[r * size:(r + 1) * size].reshape(size, settings.num_views, size, 3).transpose(1, 0, 2, 3)
+            for r in range(grid.shape[0] // size)]
+    report = EvalReport()
+    score_open_sets([s["caption"] for s in saved["per_open_set"]], sets, settings, report)
+    saved.update({k: getattr(report, k) for k in ("open_colour_sets", "open_colour_agreement",
+                                                  "open_colour_pairwise", "open_colour_object_views",
+                                                  "per_open_set")})
+    storage.write_json(grids / name / "report.json", saved)
+    mode = json.loads((run / "pipeline" / "unet" / "config.json").read_text())["attention_mode"]
+    return {"run": name, "attention_mode": mode, **training_record(run, tail_steps=100),
+            **{k: saved[k] for k in ("open_colour_sets", "open_colour_agreement", "open_colour_pairwise",
+                                     "open_colour_object_views", "objects", "colour_accuracy", "mean_iou",
+                                     "mean_iou_raw")}, "rescored": True}
 
 
 def main() -> None:
@@ -77,6 +102,8 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--grids", default="outputs/ablation")
     parser.add_argument("--out", default=str(RESULTS / "attention_ablation.json"))
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the samples saved under --grids again instead of sampling")
     args = parser.parse_args()
 
     torch.set_num_threads(2)
@@ -85,14 +112,15 @@ def main() -> None:
                             open_colour_sets=args.open_colour_sets)
     rows = []
     for name in args.names:
-        rows.append(score(name, Path(args.runs) / name, settings, Path(args.grids)))
+        scorer = rescore if args.rescore else score
+        rows.append(scorer(name, Path(args.runs) / name, settings, Path(args.grids)))
         print(json.dumps(rows[-1]), flush=True)
 
-    print("\n| attention | steps | final loss | colour-open sets agreeing | view pairs agreeing "
-          "| colour correct | silhouette IoU |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| attention | steps | final loss | views showing an object | colour-open sets agreeing "
+          "| view pairs agreeing | colour correct | silhouette IoU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['attention_mode']} | {r['steps']} | {r['final_loss']:.4f} | "
+        print(f"| {r['attention_mode']} | {r['steps']} | {r['final_loss']:.4f} | {r['open_colour_object_views']:.1%} | "
               f"{r['open_colour_agreement']:.1%} ({r['open_colour_sets']}) | {r['open_colour_pairwise']:.1%} | "
               f"{r['colour_accuracy']:.1%} | {r['mean_iou']:.3f} |")
     record = {"benchmark": "attention_ablation", "date": time.strftime("%Y-%m-%d"),

@@ -94,3 +94,31 @@ def test_evaluate_job_scores_colour_open_consistency(tmp_path):
     assert 0.0 <= record["open_colour_pairwise"] <= 1.0
     grid = np.asarray(Image.open(out / "open_colour_grid.png"))
     assert grid.shape == (16 * record["open_colour_sets"], 4 * 16, 3)
+
+
+def test_speckle_is_not_an_object_but_a_render_is():
+    from mvdream_platform.evaluation import object_present
+
+    settings = EvalSettings(num_objects=2)
+    for obj in held_out_objects(settings):
+        for view in render_ground_truth(obj, settings, 32):
+            assert object_present(foreground_mask(view, settings.foreground_threshold))
+    rng = np.random.default_rng(0)
+    speckle = np.clip(0.5 + rng.normal(0, 0.12, (32, 32, 3)), 0, 1)  # what undertrained models sample
+    mask = foreground_mask(speckle, settings.foreground_threshold)
+    assert mask.mean() > 0.05 and not object_present(mask)
+    assert not object_present(np.zeros((32, 32), bool))
+
+
+def test_noise_sets_cannot_agree_on_a_colour():
+    from mvdream_platform.evaluation import EvalReport, score_open_sets
+
+    rng = np.random.default_rng(1)
+    noise = [np.clip(0.5 + rng.normal(0, 0.12, (4, 32, 32, 3)), 0, 1) for _ in range(3)]
+    report = EvalReport()
+    score_open_sets(["a cube"] * 3, noise, EvalSettings(), report)
+    assert report.open_colour_agreement == 0.0 and report.open_colour_object_views == 0.0
+    truth = render_ground_truth(held_out_objects(EvalSettings(num_objects=1))[0], EvalSettings(), 32)
+    report = EvalReport()
+    score_open_sets(["a cube"], [truth], EvalSettings(), report)
+    assert report.open_colour_agreement == 1.0 and report.open_colour_object_views == 1.0
