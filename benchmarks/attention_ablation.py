@@ -29,7 +29,13 @@ from pathlib import Path
 import torch
 
 from mvdream_platform import storage
-from mvdream_platform.evaluation import EvalReport, EvalSettings, evaluate, open_colour_consistency, score_open_sets
+from mvdream_platform.evaluation import (
+    EvalReport,
+    EvalSettings,
+    evaluate,
+    open_colour_consistency,
+    score_open_sets,
+)
 from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.tracking import read_metrics
 
