@@ -1,6 +1,6 @@
 """Text-to-3D by multi-view score distillation into a NeRF (paper §3.2).
 
-    python jobs/text_to_3d.py prompt="a red cube" steps=600 seed=0 model=tiny out=outputs/red_cube
+    python jobs/text_to_3d.py prompt="a red cube" steps=400 seed=0 model=tiny out=outputs/red_cube
     python jobs/text_to_3d.py prompt="a red cube" guidance=dreamfusion ...   # the 2D baseline
     python jobs/text_to_3d.py sds=reference model=/models/mvdream-sd21 prompt="an astronaut riding a horse"
     python jobs/text_to_3d.py -m seed=0,1 hydra/launcher=ray_tasks   # a sweep: mvdream_platform.sweeps
