@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage, sweeps
 from mvdream_platform.pipelines.loading import build_pipeline
-from mvdream_platform.sds.config import SDSConfig
+from mvdream_platform.sds.config import SDSConfig, sds_config_for
 from mvdream_platform.sds.pipeline import run_text_to_3d
 from mvdream_platform.tracking import start_tracking
 
@@ -32,12 +32,7 @@ from _common import expand_model_argv, model_config_from, pick_device, save_reso
 log = logging.getLogger("text_to_3d")
 
 def sds_config_from(cfg: DictConfig) -> SDSConfig:
-    values = OmegaConf.to_container(cfg.sds, resolve=True, throw_on_missing=True)
-    values["steps"] = cfg.steps
-    values["guidance_kind"] = cfg.guidance
-    if cfg.guidance_scale is not None:
-        values.setdefault("guidance", {})["guidance_scale"] = cfg.guidance_scale
-    return SDSConfig.from_dict(values)
+    return sds_config_for(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
 
 
 def run(cfg: DictConfig) -> dict:

@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage
 from mvdream_platform.pipelines.loading import REPO_ROOT
+from mvdream_platform.sds.config import sds_config_for
 from mvdream_platform.tune.sweep import SweepConfig, run_sweep
-from mvdream_platform.tune.trial import sds_config_for
 from text_to_3d import sds_config_from
 
 from _common import expand_model_argv, model_config_from

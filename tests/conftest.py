@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 # Never reach a model hub from tests; everything is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,3 +71,16 @@ def make_tiny_pipeline(seed: int = 0, max_length: int = 8):
 @pytest.fixture(scope="session")
 def tiny_pipeline():
     return make_tiny_pipeline()
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group (reuses one that is already up)."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mvdream_platform.training.comm_timing import AllReduceTimer, attach_allreduce_timer
@@ -13,18 +12,6 @@ from mvdream_platform.training.optim import EMA
 from mvdream_platform.training.samples import SampleConfig, sample_grid
 
 from conftest import make_tiny_pipeline
-
-
-@pytest.fixture
-def process_group(tmp_path):
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _net(seed: int) -> nn.Module:

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mvdream_platform.models import MultiViewUNet
@@ -215,19 +214,6 @@ def test_ema_keeps_fp32_shadow_of_half_model():
     ema.update(model)
     ema.copy_to(model)
     assert model.weight.dtype == torch.bfloat16
-
-
-@pytest.fixture
-def process_group(tmp_path):
-    """A one-process gloo group (reuses one that is already up)."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ema_and_optimizer_unwrap_ddp(process_group):

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from mvdream_platform.sds.config import sds_config_for
 from mvdream_platform.tune.objective import ClipScore, ObjectiveConfig, PriorScore
 from mvdream_platform.tune.results import hydra_value
 from mvdream_platform.tune.space import SearchSpace, SpaceError
 from mvdream_platform.tune.sweep import num_samples
-from mvdream_platform.tune.trial import sds_config_for
 from test_text_to_3d_job import FAST
 
 from jobs_helpers import ROOT, compose, import_job

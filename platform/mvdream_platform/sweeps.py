@@ -139,10 +139,10 @@ def _markdown(sweep_dir: str, records: Sequence[dict[str, Any]], rows: Sequence[
     lines += ["", "| " + " | ".join(_MARKDOWN.values()) + " |", "|" + "---|" * len(_MARKDOWN)]
     for row in rows:
         cells = {**row, "out": _relative(row["out"], sweep_dir)}
-        lines.append("| " + " | ".join(_cell(cells[k]) for k in _MARKDOWN) + " |")
+        lines.append("| " + " | ".join(markdown_cell(cells[k]) for k in _MARKDOWN) + " |")
     if failed:
         lines += ["", "## Failed jobs", ""]
-        lines += [f"- #{r['job']} (`{r['overrides']}`): {_cell(r['error'])}" for r in failed]
+        lines += [f"- #{r['job']} (`{r['overrides']}`): {markdown_cell(r['error'])}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +166,8 @@ def _relative(out: str | None, sweep_dir: str) -> str | None:
     return out
 
 
-def _cell(value: Any) -> str:
+def markdown_cell(value: Any) -> str:
+    """A value as one markdown table cell (floats to 4 significant digits, pipes escaped)."""
     if value is None:
         return ""
     if isinstance(value, float):

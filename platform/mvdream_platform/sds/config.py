@@ -134,6 +134,20 @@ class SDSConfig:
         return _build(cls, values, "sds")
 
 
+def sds_config_for(run: dict[str, Any]) -> SDSConfig:
+    """The SDSConfig of a job-shaped dict (jobs/text_to_3d.py's resolved config, a Tune trial's
+    settings): its ``sds`` section plus the top-level ``steps``, ``guidance`` and
+    ``guidance_scale`` (null keeps ``sds.guidance.guidance_scale``)."""
+    import copy
+
+    values = copy.deepcopy(dict(run["sds"]))
+    values["steps"] = run["steps"]
+    values["guidance_kind"] = run["guidance"]
+    if run.get("guidance_scale") is not None:
+        values.setdefault("guidance", {})["guidance_scale"] = run["guidance_scale"]
+    return SDSConfig.from_dict(values)
+
+
 def _build(kind, values: dict[str, Any] | None, where: str):
     values = dict(values or {})
     known = {f.name: f for f in fields(kind)}

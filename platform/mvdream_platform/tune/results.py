@@ -28,7 +28,9 @@ from dataclasses import asdict
 from typing import Any
 
 from .. import storage
-from .trial import RUN_RECORD, TRIALS, sds_config_for
+from ..sds.config import sds_config_for
+from ..sweeps import markdown_cell
+from .trial import RUN_RECORD, TRIALS
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +135,6 @@ def _parquet(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
     return sink.getvalue()
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: str, metric: str) -> str:
     shown = [c for c in columns if c not in ("out", "objective", *ASSETS)]
     lines = [f"# Sweep results ({len(rows)} trials; objective: {metric})", "",
@@ -149,7 +143,7 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], sweep_dir: str, me
         gif = row.get("turntable_gif")
         relative = f"{TRIALS}/{row['trial_id']}/turntable.gif"
         picture = f"![{row['trial_id']}]({relative})" if gif else ""
-        lines.append(f"| {picture} | " + " | ".join(_cell(row.get(c)) for c in shown) + " |")
+        lines.append(f"| {picture} | " + " | ".join(markdown_cell(row.get(c)) for c in shown) + " |")
     return "\n".join(lines) + "\n"
 
 

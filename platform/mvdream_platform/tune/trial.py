@@ -22,7 +22,6 @@ line per start: a resumed trial shows two).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import torch
 
 from .. import storage
 from ..sds.checkpoint import read_latest
-from ..sds.config import SDSConfig
+from ..sds.config import sds_config_for
 from ..sds.optimize import CHECKPOINTS
 from .objective import ClipScore, ObjectiveConfig, PriorScore
 from .space import SearchSpace, apply_overrides
@@ -72,17 +71,6 @@ class TrialSpec:
     logger_mode: str = "offline"
     logger_project: str = "mvdream-platform"
     group: str | None = None
-
-
-def sds_config_for(run: dict[str, Any]) -> SDSConfig:
-    """The SDSConfig of a job-shaped ``run`` dict, exactly as ``jobs/text_to_3d.py``'s
-    ``sds_config_from`` builds it from the composed config (a test checks they agree)."""
-    values = copy.deepcopy(run["sds"])
-    values["steps"] = run["steps"]
-    values["guidance_kind"] = run["guidance"]
-    if run.get("guidance_scale") is not None:
-        values.setdefault("guidance", {})["guidance_scale"] = run["guidance_scale"]
-    return SDSConfig.from_dict(values)
 
 
 def trial_run(spec: TrialSpec, sampled: dict[str, Any]) -> dict[str, Any]:
