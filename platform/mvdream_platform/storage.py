@@ -58,6 +58,16 @@ def remove(uri: str | os.PathLike, missing_ok: bool = True) -> None:
             raise
 
 
+def listdir(uri: str | os.PathLike) -> list[str]:
+    """Names (not paths) of the entries directly inside the folder ``uri``; [] when it is absent."""
+    fs, path = url_to_fs(os.fspath(uri))
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.fspath(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+
 def makedirs(uri: str | os.PathLike) -> None:
     fs, path = url_to_fs(os.fspath(uri))
     fs.makedirs(path, exist_ok=True)

@@ -123,6 +123,7 @@ class MVDreamPipeline(DiffusionPipeline):
         width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> MVDreamPipelineOutput | tuple:
@@ -139,6 +140,9 @@ class MVDreamPipeline(DiffusionPipeline):
             height, width: pixels; default is the UNet's sample size times the codec factor.
             generator: seeds the initial noise (and DDIM's noise when ``eta > 0``).
             eta: DDIM eta (ignored by schedulers that do not take it).
+            latents: (B*F, C, h, w) initial noise instead of drawing it from ``generator``
+                (the Serve batcher draws each request's noise from its own seed, so a
+                request's images do not depend on what it was batched with).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -162,7 +166,12 @@ class MVDreamPipeline(DiffusionPipeline):
 
         factor = self.codec.downscale_factor
         shape = (batch, self.codec.latent_channels, height // factor, width // factor)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (B*F, C, h, w), got {tuple(latents.shape)}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta)

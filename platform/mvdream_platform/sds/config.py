@@ -131,7 +131,7 @@ class SDSConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SDSConfig:
         """Build from nested dicts (Hydra's resolved config), naming any unknown key."""
-        return _build(cls, values, "sds")
+        return build_dataclass(cls, values, "sds")
 
 
 def sds_config_for(run: dict[str, Any]) -> SDSConfig:
@@ -148,7 +148,9 @@ def sds_config_for(run: dict[str, Any]) -> SDSConfig:
     return SDSConfig.from_dict(values)
 
 
-def _build(kind, values: dict[str, Any] | None, where: str):
+def build_dataclass(kind, values: dict[str, Any] | None, where: str):
+    """``kind(**values)`` with nested dataclasses built from nested dicts and YAML lists turned
+    into tuples where the default is one; an unknown key is an error naming ``where``."""
     values = dict(values or {})
     known = {f.name: f for f in fields(kind)}
     unknown = sorted(set(values) - set(known))
@@ -160,7 +162,7 @@ def _build(kind, values: dict[str, Any] | None, where: str):
             kind.__dataclass_fields__[name].default_factory) else None
         sub = default() if default is not None else None
         if sub is not None and is_dataclass(sub) and isinstance(value, dict):
-            built[name] = _build(type(sub), value, f"{where}.{name}")
+            built[name] = build_dataclass(type(sub), value, f"{where}.{name}")
         elif isinstance(value, list) and isinstance(getattr(kind, name, None), tuple):
             built[name] = tuple(value)
         else:

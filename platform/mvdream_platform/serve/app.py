@@ -1,0 +1,434 @@
+"""The Ray Serve application: HTTP ingress, batched multi-view generator, text-to-3D job queue
+and workers.
+
+    ingress (FastAPI) --multiview--> MultiViewGenerator (@serve.batch, N replicas)
+            \\--text-to-3d--> JobQueue (1 replica) --one job per call--> TextTo3DWorker (N replicas)
+
+* Accepted text-to-3D jobs are written to storage before their ids are returned
+  (:class:`.store.JobStore`); the queue dispatches each one as one call to the worker
+  deployment, whose ``max_ongoing_requests=1`` makes Serve hold the rest in its router queue and
+  spread them over replicas (and lets autoscaling see the backlog).
+* A worker replica that dies mid-job fails the queue's call; the queue retries it (up to
+  ``worker.max_attempts``) and the new attempt resumes from the job's last field checkpoint.
+* A restarted application's queue re-dispatches every job on storage that is not finished.
+
+``build_app(args)`` is the import path of the Ray Serve config (``serve run conf/serve/local.yaml``);
+``jobs/serve.py`` calls it too.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the route bodies' request models,
+# which are local classes built from the configured limits, as objects rather than names.
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import mimetypes
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+
+from .. import storage
+from .generator import SampleItem, SamplingKey, key_dict, sample_items
+from .runner import run_job
+from .schemas import (
+    ErrorBody,
+    JobLink,
+    JobsAccepted,
+    JobView,
+    MultiViewResponse,
+    MultiViewResult,
+    request_models,
+    validation_errors,
+)
+from .settings import ServeSettings
+from .store import JOB_ID, TERMINAL, JobStore, UnknownAsset, UnknownJob, new_job_id
+
+log = logging.getLogger(__name__)
+API_VERSION = "v1"
+ASSET_TYPES = {".glb": "model/gltf-binary", ".obj": "model/obj", ".ply": "application/octet-stream",
+               ".gif": "image/gif", ".mp4": "video/mp4", ".png": "image/png", ".json": "application/json"}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_pipeline(settings: ServeSettings, num_cpus: float):
+    """The model, with torch using the replica's CPU share (not every core of the node)."""
+    from ..pipelines.loading import ModelConfig, build_pipeline
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    device = _device(settings.device)
+    pipe = build_pipeline(ModelConfig(**settings.model), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, device
+
+
+def _actor_alive(name: str) -> bool:
+    """Whether the named (Serve replica) actor still exists, so a dead worker's lease can be
+    taken over at once instead of after the lease timeout."""
+    import ray
+
+    try:
+        ray.get_actor(name, namespace="serve")
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------- deployments
+@serve.deployment
+class MultiViewGenerator:
+    """Samples multi-view images; concurrent requests are merged into batches."""
+
+    def __init__(self, args: dict[str, Any]):
+        self.settings = ServeSettings.from_dict(args)
+        self.pipe, _ = _load_pipeline(self.settings, self.settings.generator.num_cpus)
+        self.sample.set_max_batch_size(self.settings.generator.max_batch_size)
+        self.sample.set_batch_wait_timeout_s(self.settings.generator.batch_wait_timeout_s)
+
+    async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One prompt: ``{"prompt", "seed", "key": SamplingKey fields}`` -> PNGs and cameras."""
+        return await self.sample(SampleItem.from_dict(item))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def sample(self, items: list[SampleItem]) -> list[dict[str, Any]]:
+        # In a thread: the replica's event loop keeps answering health checks and gathering
+        # the next batch while torch works.
+        return await asyncio.to_thread(sample_items, self.pipe, items)
+
+
+@serve.deployment
+class TextTo3DWorker:
+    """Runs one text-to-3D job per call (``max_ongoing_requests=1``)."""
+
+    def __init__(self, args: dict[str, Any]):
+        import ray
+
+        self.settings = ServeSettings.from_dict(args)
+        self.store = JobStore(self.settings.storage)
+        self.pipe, self.device = _load_pipeline(self.settings, self.settings.worker.num_cpus)
+        self.owner = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
+
+    async def run(self, job_id: str, attempt: int) -> dict[str, Any]:
+        return await asyncio.to_thread(run_job, self.store, job_id, self.pipe, self.settings,
+                                       owner=self.owner, attempt=attempt, device=self.device,
+                                       owner_alive=_actor_alive)
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+class JobQueue:
+    """Dispatches stored jobs to the workers, retries jobs whose worker died, and on start
+    re-dispatches every unfinished job on storage (a restarted application loses none)."""
+
+    def __init__(self, args: dict[str, Any], worker):
+        self.settings = ServeSettings.from_dict(args)
+        self.store = JobStore(self.settings.storage)
+        self.worker = worker
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.recovered = asyncio.get_event_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        pending = await asyncio.to_thread(self.store.unfinished)
+        if pending:
+            log.info("re-dispatching %d unfinished jobs", len(pending))
+        for job_id in pending:
+            self._dispatch(job_id)
+
+    async def submit(self, job_ids: list[str]) -> int:
+        for job_id in job_ids:
+            self._dispatch(job_id)
+        return len(job_ids)
+
+    async def stats(self) -> dict[str, int]:
+        active = [t for t in self.tasks.values() if not t.done()]
+        return {"active_jobs": len(active), "dispatched_since_start": len(self.tasks)}
+
+    def _dispatch(self, job_id: str) -> None:
+        task = self.tasks.get(job_id)
+        if task is None or task.done():
+            self.tasks[job_id] = asyncio.get_event_loop().create_task(self._drive(job_id))
+
+    async def _drive(self, job_id: str) -> None:
+        import ray.exceptions as rex
+
+        store, limit = self.store, self.settings.worker.max_attempts
+        state = await asyncio.to_thread(store.state, job_id)
+        attempts = int(state.get("attempts", 0))
+        while True:
+            if await asyncio.to_thread(store.cancel_requested, job_id):
+                await asyncio.to_thread(store.set_state, job_id, "cancelled", attempts=attempts)
+                return
+            attempts += 1
+            await asyncio.to_thread(store.set_state, job_id, "queued", attempts=attempts)
+            try:
+                outcome = await self.worker.run.remote(job_id, attempts)
+            except (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError) as error:
+                # The replica died mid-job (killed, OOM, node lost): retry from the checkpoint.
+                log.warning("job %s: worker lost on attempt %d (%s)", job_id, attempts, type(error).__name__)
+                if attempts >= limit:
+                    await asyncio.to_thread(store.set_state, job_id, "failed", attempts=attempts,
+                                            error=f"worker died {attempts} times: {type(error).__name__}")
+                    return
+                continue
+            except Exception as error:  # a bug, not a lost worker: retrying would repeat it
+                log.exception("job %s failed", job_id)
+                await asyncio.to_thread(store.set_state, job_id, "failed", attempts=attempts,
+                                        error=f"{type(error).__name__}: {error}")
+                return
+            await asyncio.to_thread(store.set_state, job_id, outcome["status"], attempts=attempts,
+                                    error=outcome.get("error"))
+            return
+
+
+# ---------------------------------------------------------------------------- HTTP ingress
+def _token_digest(env_name: str) -> str | None:
+    token = os.environ.get(env_name, "")
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed), before any
+    handler parses them."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, counted, send)
+        except _TooLarge:
+            return await self._reject(send)
+
+    async def _reject(self, send):
+        body = JSONResponse(status_code=413, content={
+            "error": "request body too large",
+            "errors": [{"field": "body", "message": "request body too large",
+                        "allowed": f"<= {self.max_bytes} bytes"}]}).body
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_api(settings: ServeSettings) -> tuple[FastAPI, type, type]:
+    """The FastAPI app (middleware, error handlers) and the request models for these limits."""
+    multiview_model, t23d_model = request_models(settings.limits)
+    api = FastAPI(
+        title="mvdream-platform",
+        version=API_VERSION,
+        description="Text-to-multi-view and text-to-3D with MVDream models. Bearer-token "
+                    "authentication when the server's token variable is set.",
+    )
+    api.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        errors = validation_errors(exc.errors())
+        malformed = any(e["type"] == "json_invalid" for e in errors)
+        return JSONResponse(status_code=400 if malformed else 422, content={
+            "error": "malformed JSON body" if malformed else "invalid request", "errors": errors})
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException):
+        detail = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
+        return JSONResponse(status_code=exc.status_code, content=detail, headers=exc.headers)
+
+    return api, multiview_model, t23d_model
+
+
+def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tuple[Any, FastAPI]:
+    """(the ingress deployment, its FastAPI app) for these settings: routes typed by the
+    configured limits, bearer authentication when a token is configured.
+
+    ``token_digest`` is the SHA-256 of the token as the builder process saw it; without one the
+    replica reads ``settings.auth_token_env`` itself (a cluster-wide variable). Only the digest
+    ever travels in the application's config.
+    """
+    api, MultiViewRequest, TextTo3DRequest = build_api(settings)
+    bearer = HTTPBearer(auto_error=False, description="the value of the server's token variable")
+    errors = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
+              422: {"model": ErrorBody}}
+
+    def authorised(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        # A dependency, so it runs before the body is validated: no token, no 422 hints either.
+        digest = token_digest or _token_digest(settings.auth_token_env)
+        if digest is None:
+            return
+        presented = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(hashlib.sha256(presented.encode()).hexdigest(), digest):
+            raise HTTPException(401, {"error": "missing or invalid bearer token"},
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(authorised)]
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, args: dict[str, Any], generator, queue):
+            self.settings = ServeSettings.from_dict(args)
+            self.store = JobStore(self.settings.storage)
+            self.generator, self.queue = generator, queue
+            self.model_name = str(self.settings.model.get("name", "model"))
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict[str, Any]:
+            return {"status": "ok", "model": self.model_name, "api": API_VERSION}
+
+        @api.post(f"/{API_VERSION}/multiview", response_model=MultiViewResponse, responses=errors, dependencies=auth)
+        async def multiview(self, body: MultiViewRequest):  # type: ignore[valid-type]
+            """Prompts -> multi-view images, synchronously (batched with other clients' requests)."""
+            began = time.perf_counter()
+            model = self.settings.model
+            key = SamplingKey(
+                num_views=body.num_views, elevation=body.elevation, azimuth_start=body.azimuth_start,
+                steps=body.steps or self.settings.default_sampling_steps or int(model.get("steps", 50)),
+                guidance_scale=body.guidance_scale if body.guidance_scale is not None
+                else float(model.get("guidance_scale", 7.5)),
+                guidance_rescale=body.guidance_rescale, resolution=body.resolution,
+                negative_prompt=body.negative_prompt)
+            items = [{"prompt": p, "seed": body.seed + i, "key": key_dict(key)} for i, p in enumerate(body.prompts)]
+            outputs = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
+            request_id = new_job_id()
+            results = []
+            for i, (item, out) in enumerate(zip(items, outputs)):
+                if body.response_format == "url":
+                    images = []
+                    for j, png in enumerate(out["pngs"]):
+                        name = f"prompt_{i:03d}_view_{j:02d}.png"
+                        await asyncio.to_thread(storage.write_bytes,
+                                                storage.join(self.settings.storage, "multiview", request_id, name), png)
+                        images.append(f"/{API_VERSION}/multiview/{request_id}/{name}")
+                else:
+                    images = [base64.b64encode(png).decode() for png in out["pngs"]]
+                results.append(MultiViewResult(prompt=item["prompt"], seed=item["seed"], images=images,
+                                               cameras=out["cameras"], batch_size=out["batch_size"],
+                                               seconds=round(out["seconds"], 4)))
+            return MultiViewResponse(id=request_id, model=self.model_name, results=results,
+                                     seconds=round(time.perf_counter() - began, 4))
+
+        @api.get(f"/{API_VERSION}/multiview/{{request_id}}/{{name}}", responses=errors, dependencies=auth)
+        async def multiview_image(self, request_id: str, name: str):
+            """A PNG of a multiview request made with response_format=url."""
+            if not JOB_ID.match(request_id) or not name.endswith(".png") or "/" in name or name.startswith("."):
+                raise HTTPException(404, {"error": f"no image {name!r} in request {request_id!r}"})
+            uri = storage.join(self.settings.storage, "multiview", request_id, name)
+            try:
+                data = await asyncio.to_thread(storage.read_bytes, uri)
+            except FileNotFoundError:
+                raise HTTPException(404, {"error": f"no image {name!r} in request {request_id!r}"}) from None
+            return Response(content=data, media_type="image/png")
+
+        @api.post(f"/{API_VERSION}/text-to-3d", response_model=JobsAccepted, status_code=202, responses=errors, dependencies=auth)
+        async def text_to_3d(self, body: TextTo3DRequest):  # type: ignore[valid-type]
+            """A batch of prompts -> one queued job per prompt (poll GET /v1/jobs/{id})."""
+            options = body.model_dump(exclude={"prompts"})
+            ids = []
+            for prompt in body.prompts:
+                ids.append(await asyncio.to_thread(self.store.create, prompt, options))
+            try:  # the jobs are on storage already: if the queue is down, its restart finds them
+                await self.queue.submit.remote(ids)
+            except Exception:
+                log.exception("queue unavailable; %d jobs wait on storage for its restart", len(ids))
+            return JobsAccepted(jobs=[JobLink(id=j, prompt=p, status_url=f"/{API_VERSION}/jobs/{j}")
+                                      for j, p in zip(ids, body.prompts)])
+
+        @api.get(f"/{API_VERSION}/jobs/{{job_id}}", response_model=JobView, responses=errors, dependencies=auth)
+        async def job(self, job_id: str):
+            """Status, progress (step, ETA), error and asset links of one job."""
+            view = await self._view(job_id)
+            view["asset_urls"] = [f"/{API_VERSION}/jobs/{job_id}/assets/{a}" for a in view["assets"]]
+            return JobView(**view)
+
+        @api.get(f"/{API_VERSION}/jobs/{{job_id}}/assets/{{name}}", responses=errors, dependencies=auth)
+        async def asset(self, job_id: str, name: str):
+            """One finished asset: mesh.glb / .obj / .ply, turntable.gif / .mp4, multiview.png, ..."""
+            try:
+                uri = await asyncio.to_thread(self.store.asset_uri, job_id, name)
+            except UnknownJob:
+                raise HTTPException(404, {"error": f"no job {job_id!r}"}) from None
+            except UnknownAsset:
+                raise HTTPException(404, {"error": f"job {job_id} has no asset {name!r}"}) from None
+            data = await asyncio.to_thread(storage.read_bytes, uri)
+            media = ASSET_TYPES.get(Path(name).suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+            return Response(content=data, media_type=media,
+                            headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+        @api.delete(f"/{API_VERSION}/jobs/{{job_id}}", response_model=JobView, status_code=202, responses=errors, dependencies=auth)
+        async def cancel(self, job_id: str):
+            """Cancel a queued or running job (409 when it has already finished)."""
+            view = await self._view(job_id)
+            if view["status"] in TERMINAL:
+                raise HTTPException(409, {"error": f"job {job_id} already {view['status']}"})
+            await asyncio.to_thread(self.store.request_cancel, job_id)
+            view = await self._view(job_id)
+            return JobView(**view)
+
+        async def _view(self, job_id: str) -> dict[str, Any]:
+            try:
+                return await asyncio.to_thread(self.store.view, job_id)
+            except UnknownJob:
+                raise HTTPException(404, {"error": f"no job {job_id!r}"}) from None
+
+    return Ingress, api
+
+
+# ---------------------------------------------------------------------------- assembly
+def resolve_paths(args: dict[str, Any]) -> dict[str, Any]:
+    """Local relative storage paths resolved against this process's working directory (replicas
+    run elsewhere); model paths already resolve against the source checkout too."""
+    args = dict(args)
+    store = args.get("storage", ServeSettings.__dataclass_fields__["storage"].default)
+    if storage.is_local(store):
+        args["storage"] = str(Path(storage.local_path(store)).resolve())
+    return args
+
+
+def build_app(args: dict[str, Any]):
+    """The Serve application for ``args`` (ServeSettings fields): the config file's import path."""
+    args = resolve_paths(args)
+    settings = ServeSettings.from_dict(args)
+    values = settings.to_dict()
+    worker = TextTo3DWorker.options(**settings.worker.options()).bind(values)
+    generator = MultiViewGenerator.options(**settings.generator.options()).bind(values)
+    queue = JobQueue.bind(values, worker)
+    ingress, _ = make_ingress(settings, _token_digest(settings.auth_token_env))
+    return ingress.bind(values, generator, queue)
+
+
+def openapi_document(args: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document of the API for ``args`` (no Ray cluster needed)."""
+    _, api = make_ingress(ServeSettings.from_dict(args))
+    return api.openapi()

@@ -1,0 +1,165 @@
+"""Run one stored text-to-3D job: lease, heartbeat, resumable optimisation, cancel, result.
+
+Plain Python (no Serve): the worker deployment calls :func:`run_job` in a thread, tests may
+call it directly. A job is resumable because :func:`mvdream_platform.sds.pipeline.run_text_to_3d`
+resumes from the field checkpoints in the job's ``out/`` folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import storage
+from ..sds.checkpoint import read_latest
+from ..sds.config import SDSConfig, sds_config_for
+from ..sds.optimize import CHECKPOINTS
+from ..sds.pipeline import run_text_to_3d
+from .settings import ServeSettings
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """A client cancelled the job while it ran."""
+
+
+def job_sds_config(settings: ServeSettings, options: dict[str, Any]) -> SDSConfig:
+    """The server's SDS config with the request's options (steps, guidance, scale, ...) applied."""
+    sds = copy.deepcopy(settings.sds)
+    guidance = sds.setdefault("guidance", {})
+    if options.get("negative_prompt") is not None:
+        guidance["negative_prompt"] = options["negative_prompt"]
+    if options.get("cfg_rescale") is not None:
+        guidance["recon_std_rescale"] = options["cfg_rescale"]
+    return sds_config_for({"sds": sds, "steps": options.get("steps") or settings.default_sds_steps,
+                           "guidance": options.get("guidance", "mvdream"),
+                           "guidance_scale": options.get("guidance_scale")})
+
+
+def lease_is_live(lease: dict[str, Any] | None, timeout_s: float,
+                  owner_alive: Callable[[str], bool] | None = None) -> bool:
+    """True while another worker holds the job: its heartbeat is fresh and (when we can tell)
+    its actor is alive. A lease that says the job is done is not held."""
+    if not lease or lease.get("phase") == "done":
+        return False
+    if time.time() - float(lease.get("heartbeat", 0)) > timeout_s:
+        return False
+    owner = lease.get("owner")
+    return owner_alive(owner) if (owner and owner_alive is not None) else True
+
+
+class Heartbeat:
+    """Writes the job's lease (owner, progress, ETA) every ``every_s`` seconds from a thread, so
+    the lease stays fresh through exports and slow steps alike."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, attempt: int, every_s: float):
+        self.store, self.job_id, self.every_s = store, job_id, every_s
+        self.lease: dict[str, Any] = {"owner": owner, "pid": os.getpid(), "attempt": attempt,
+                                      "phase": "starting", "step": 0, "steps": None,
+                                      "loss": None, "eta_s": None}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"lease-{job_id}")
+
+    def __enter__(self) -> Heartbeat:
+        self.write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            self.lease.update(fields)
+
+    def write(self) -> None:
+        with self._lock:
+            lease = dict(self.lease)
+        self.store.write_lease(self.job_id, lease)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.write()
+            except Exception:  # a storage hiccup must not kill the job; the next beat retries
+                log.exception("heartbeat of %s failed", self.job_id)
+
+
+def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owner: str,
+            attempt: int = 1, device="cpu",
+            owner_alive: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Run (or resume, or just confirm) job ``job_id``; returns ``{"status": ..., ...}``.
+
+    Status is ``succeeded`` (result.json written), ``cancelled`` or ``failed`` (with ``error``);
+    a dying process raises nothing, of course: the queue sees the actor die and retries.
+    """
+    worker = settings.worker
+    while True:  # another live worker holds the job (a restarted queue re-sent it): wait for it
+        if store.result(job_id) is not None:
+            return {"status": "succeeded"}
+        if not lease_is_live(store.lease(job_id), worker.lease_timeout_s, owner_alive):
+            break
+        if store.lease(job_id).get("owner") == owner:
+            break
+        time.sleep(min(1.0, worker.heartbeat_s))
+    if store.cancel_requested(job_id):
+        return {"status": "cancelled"}
+    request = store.request(job_id)
+    try:
+        cfg = job_sds_config(settings, request["options"])
+        cfg.validate()
+    except (ValueError, TypeError) as error:
+        return {"status": "failed", "error": f"bad job options: {error}"}
+
+    started = time.time()
+    with Heartbeat(store, job_id, owner, attempt, worker.heartbeat_s) as beat:
+        beat.update(phase="optimising", steps=cfg.steps)
+
+        def on_log(metrics: dict[str, float], _checkpoint) -> None:
+            step = int(metrics["step"])
+            done_now = step - first_step[0]
+            rate = (time.time() - started) / max(done_now, 1)
+            beat.update(step=step, loss=round(float(metrics["loss"]), 6),
+                        eta_s=round(rate * (cfg.steps - step), 1))
+            if store.cancel_requested(job_id):
+                raise JobCancelled(job_id)
+
+        latest = read_latest(storage.join(store.out(job_id), CHECKPOINTS))
+        first_step = [int(latest["step"]) if latest else 0]  # ETA counts this attempt's steps only
+        try:
+            record = run_text_to_3d(request["prompt"], pipe, cfg, store.out(job_id),
+                                    seed=int(request["options"].get("seed", 0)), device=device,
+                                    progress=False, on_log=on_log)
+        except JobCancelled:
+            beat.update(phase="done")
+            beat.write()
+            return {"status": "cancelled"}
+        except Exception as error:  # the job's own failure (not the process's): report it
+            log.exception("job %s failed", job_id)
+            beat.update(phase="done")
+            beat.write()
+            return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        assets = sorted(name for name in record["assets"] if "." in name and not name.endswith("_error"))
+        for extra in ("metrics.json", "quality.png"):
+            if storage.exists(storage.join(store.out(job_id), extra)):
+                assets.append(extra)
+        metrics = {"steps": record["steps"], "resumed_from": record["resumed_from"],
+                   "total_seconds": record["total_seconds"],
+                   "final_loss": (record.get("final") or {}).get("loss")}
+        if "quality" in record:
+            metrics["quality"] = {k: record["quality"][k] for k in ("mean_iou", "mean_iou_raw", "colour_accuracy")
+                                  if k in record["quality"]}
+        store.write_result(job_id, {"assets": sorted(assets), "metrics": metrics,
+                                    "attempt": attempt, "owner": owner})
+        beat.update(phase="done", step=cfg.steps, eta_s=0.0)
+        beat.write()
+    return {"status": "succeeded"}

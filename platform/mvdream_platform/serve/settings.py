@@ -1,0 +1,142 @@
+"""Plain settings of the Serve application (jobs/serve.py fills them from Hydra; the Ray Serve
+config file in conf/serve/ carries the same dict as the application's ``args``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..sds.config import build_dataclass
+
+RESPONSE_FORMATS = ("base64", "url")
+GUIDANCE_KINDS = ("mvdream", "dreamfusion")
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; anything outside gets a 4xx naming the field and range."""
+
+    max_prompts_per_request: int = 16
+    max_prompt_chars: int = 300
+    max_body_bytes: int = 65536
+    # multi-view sampling
+    max_sampling_steps: int = 100
+    view_choices: tuple[int, ...] = (1, 2, 4)
+    resolution_choices: tuple[int, ...] = (32,)
+    elevation_range: tuple[float, float] = (-30.0, 60.0)
+    guidance_scale_range: tuple[float, float] = (1.0, 30.0)
+    # text-to-3D
+    max_sds_steps: int = 2000
+    max_seed: int = 2**31 - 1
+
+    def validate(self) -> None:
+        if min(self.max_prompts_per_request, self.max_prompt_chars, self.max_body_bytes,
+               self.max_sampling_steps, self.max_sds_steps) < 1:
+            raise ValueError("serve.limits: every max_* must be >= 1")
+        if not self.view_choices or not self.resolution_choices:
+            raise ValueError("serve.limits: view_choices and resolution_choices must not be empty")
+
+
+@dataclass
+class DeploymentSettings:
+    """Replicas and resources of one deployment.
+
+    ``autoscaling`` is a Ray Serve ``autoscaling_config`` dict (min_replicas, max_replicas,
+    target_ongoing_requests, ...); when set it replaces ``num_replicas``.
+    """
+
+    num_replicas: int = 1
+    autoscaling: dict[str, Any] | None = None
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 16
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options``."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+        }
+        if self.autoscaling:
+            opts["autoscaling_config"] = dict(self.autoscaling)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+    def validate(self, where: str) -> None:
+        if self.num_replicas < 1 or self.num_cpus < 0 or self.num_gpus < 0 or self.max_ongoing_requests < 1:
+            raise ValueError(f"{where}: num_replicas and max_ongoing_requests must be >= 1, "
+                             f"num_cpus and num_gpus >= 0")
+
+
+@dataclass
+class GeneratorSettings(DeploymentSettings):
+    """The multi-view sampler: requests from all clients are merged by ``@serve.batch``."""
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.05
+    max_ongoing_requests: int = 32  # must exceed max_batch_size or batches never fill
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise ValueError(f"{where}: max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+
+
+@dataclass
+class WorkerSettings(DeploymentSettings):
+    """Text-to-3D workers: one job at a time per replica; the queue spreads jobs over them."""
+
+    max_ongoing_requests: int = 1
+    # A job whose worker died is retried (from its last field checkpoint) up to this many
+    # attempts in all.
+    max_attempts: int = 3
+    # A worker refreshes its job's lease this often; a lease older than ``lease_timeout_s``
+    # (or whose owner actor is dead) may be taken over.
+    heartbeat_s: float = 5.0
+    lease_timeout_s: float = 120.0
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.max_attempts < 1 or self.heartbeat_s <= 0 or self.lease_timeout_s <= self.heartbeat_s:
+            raise ValueError(f"{where}: max_attempts must be >= 1 and lease_timeout_s > heartbeat_s > 0")
+
+
+@dataclass
+class ServeSettings:
+    """Everything the application needs: the model, SDS defaults, storage, limits, deployments.
+
+    ``model`` holds :class:`mvdream_platform.pipelines.loading.ModelConfig` fields and ``sds``
+    :class:`mvdream_platform.sds.config.SDSConfig` fields (nested dicts, as in conf/sds/).
+    """
+
+    model: dict[str, Any]
+    sds: dict[str, Any] = field(default_factory=dict)
+    storage: str = "outputs/serve"  # job state, assets and URL-returned images (path or fsspec URI)
+    auth_token_env: str = "MVDREAM_SERVE_TOKEN"  # bearer token required when this variable is set
+    device: str = "auto"
+    default_sds_steps: int = 400
+    default_sampling_steps: int | None = None  # None: the model's recommendation
+    limits: Limits = field(default_factory=Limits)
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def validate(self) -> None:
+        if not self.storage:
+            raise ValueError("serve.storage must be a path or URI")
+        if not 1 <= self.default_sds_steps <= self.limits.max_sds_steps:
+            raise ValueError(f"serve.default_sds_steps must be in 1..limits.max_sds_steps "
+                             f"({self.limits.max_sds_steps}), got {self.default_sds_steps}")
+        self.limits.validate()
+        self.generator.validate("serve.generator")
+        self.worker.validate("serve.worker")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServeSettings:
+        settings = build_dataclass(cls, values, "serve")
+        settings.validate()
+        return settings
