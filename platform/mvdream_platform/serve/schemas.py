@@ -105,17 +105,17 @@ class ErrorBody(BaseModel):
     errors: list[dict[str, Any]] = Field(default_factory=list)
 
 
+BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=",
+               "max_length": "length <=", "expected": "one of"}
+
+
 def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """pydantic errors -> [{field, message, allowed}] (``allowed`` from the violated bound)."""
     out = []
     for e in errors:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        ctx = {k: v for k, v in (e.get("ctx") or {}).items() if k != "error"}
-        allowed = None
-        if ctx:
-            words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=",
-                     "max_length": "length <=", "expected": "one of"}
-            allowed = ", ".join(f"{words.get(k, k)} {v}" for k, v in ctx.items())
+        ctx = e.get("ctx") or {}
+        allowed = ", ".join(f"{word} {ctx[key]}" for key, word in BOUND_WORDS.items() if key in ctx) or None
         out.append({"field": ".".join(loc) or "body", "message": e.get("msg", "invalid"),
                     "type": e.get("type"), "allowed": allowed})
     return out

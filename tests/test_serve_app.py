@@ -1,0 +1,266 @@
+"""The Serve application on a real local Ray cluster, over real HTTP, with the embedded model.
+
+One application for the module (startup costs seconds): multi-view requests, batching under
+load, text-to-3D jobs end to end (glb loaded with trimesh), cancel, a killed worker replica,
+an application restart, authentication and the bad-input matrix.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import requests
+import torch
+import trimesh
+import yaml
+
+from mvdream_platform.client import MVDreamClient, ServeError
+from mvdream_platform.pipelines import MVDreamPipeline
+from mvdream_platform.serve.store import JobStore
+
+from jobs_helpers import ROOT
+
+pytestmark = pytest.mark.slow
+TOKEN_ENV = "MVDREAM_TEST_SERVE_TOKEN"
+TOKEN = "test-token-7f3a"
+APP = "mvdream-test"
+# Text-to-3D at test size: 32 px renders, a coarse mesh, 4 turntable frames.
+FAST_SDS = {
+    "checkpoint_every": 5, "log_every": 5, "render_every": 1000,
+    "shading": {"ambient_only_steps": 1000},
+    "export": {"mesh_resolution": 32, "turntable_frames": 4, "turntable_resolution": 32,
+               "quality_views": 2, "mesh_formats": ["glb", "obj"]},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(storage: Path) -> dict:
+    sds = yaml.safe_load((ROOT / "conf" / "sds" / "tiny.yaml").read_text())
+    for key, value in FAST_SDS.items():
+        sds[key] = {**sds.get(key, {}), **value} if isinstance(value, dict) else value
+    return {
+        "model": yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text()),
+        "sds": sds, "storage": str(storage), "auth_token_env": TOKEN_ENV, "default_sds_steps": 20,
+        "limits": {"max_prompts_per_request": 4, "max_prompt_chars": 80, "max_body_bytes": 2048,
+                   "max_sampling_steps": 20, "max_sds_steps": 200},
+        "generator": {"num_cpus": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.25,
+                      "max_ongoing_requests": 64},
+        "worker": {"num_cpus": 1, "heartbeat_s": 0.5, "lease_timeout_s": 30.0, "max_attempts": 3},
+    }
+
+
+def deploy(args: dict) -> None:
+    from ray import serve
+
+    from mvdream_platform.serve.app import build_app
+
+    serve.run(build_app(args), name=APP, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    os.environ[TOKEN_ENV] = TOKEN
+    storage = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = app_args(storage)
+    deploy(args)
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "storage": storage, "args": args,
+           "client": MVDreamClient(url, token=TOKEN, timeout=120)}
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop(TOKEN_ENV, None)
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_health_and_docs_are_public(server):
+    r = requests.get(server["url"] + "/healthz", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "tiny", "api": "v1"}
+    assert requests.get(server["url"] + "/openapi.json", timeout=30).json()["info"]["title"] == "mvdream-platform"
+
+
+def test_multiview_over_http_matches_the_pipeline(server):
+    r = requests.post(server["url"] + "/v1/multiview", headers=auth(), timeout=120,
+                      json={"prompts": ["a red cube", "a blue sphere"], "steps": 4, "seed": 11})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny" and [x["seed"] for x in body["results"]] == [11, 12]
+    first = body["results"][0]
+    assert len(first["images"]) == 4 and np.array(first["cameras"]).shape == (4, 16)
+    views = [decode(b) for b in first["images"]]
+    assert all(v.shape == (32, 32, 3) for v in views)
+    pipe = MVDreamPipeline.from_pretrained(ROOT / "checkpoints" / "tiny")
+    direct = pipe("a red cube", num_views=4, num_inference_steps=4, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(11), output_type="np").images[0]
+    assert np.abs(views[2].astype(float) - direct[2] * 255).max() <= 1.0
+
+
+def test_multiview_url_images_download(server):
+    body = server["client"].multiview(["a green torus"], steps=2, num_views=2, response_format="url")
+    urls = body["results"][0]["images"]
+    assert len(urls) == 2 and all(u.startswith("/v1/multiview/") for u in urls)
+    image = server["client"].get_bytes(urls[1])
+    assert PIL.Image.open(io.BytesIO(image)).size == (32, 32)
+    assert requests.get(server["url"] + urls[1], timeout=30).status_code == 401  # needs the token
+
+
+def test_fifty_concurrent_requests_are_batched(server):
+    def one(i: int) -> requests.Response:
+        return requests.post(server["url"] + "/v1/multiview", headers=auth(), timeout=300,
+                             json={"prompts": [f"a red cube {i}"], "steps": 2, "num_views": 4, "seed": i})
+
+    with ThreadPoolExecutor(50) as pool:
+        responses = list(pool.map(one, range(50)))
+    assert [r.status_code for r in responses] == [200] * 50
+    sizes = [r.json()["results"][0]["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes
+
+
+def test_authentication(server):
+    url = server["url"] + "/v1/multiview"
+    body = {"prompts": ["a cube"], "steps": 1}
+    assert requests.post(url, json=body, timeout=30).status_code == 401
+    r = requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+    # no hints about the body before authentication
+    assert requests.post(url, json={"prompts": []}, timeout=30).status_code == 401
+    assert requests.get(server["url"] + "/v1/jobs/20260101T000000-00000000", timeout=30).status_code == 401
+
+
+BAD_REQUESTS = [
+    ("/v1/multiview", {"prompts": []}, 422, "prompts"),
+    ("/v1/multiview", {"prompts": ["a"] * 5}, 422, "prompts"),
+    ("/v1/multiview", {"prompts": ["x" * 81]}, 422, "prompts.0"),
+    ("/v1/multiview", {"prompts": ["a"], "steps": 21}, 422, "steps"),
+    ("/v1/multiview", {"prompts": ["a"], "num_views": 8}, 422, "num_views"),
+    ("/v1/multiview", {"prompts": ["a"], "resolution": 256}, 422, "resolution"),
+    ("/v1/multiview", {"prompts": ["a"], "guidance_scale": 1000}, 422, "guidance_scale"),
+    ("/v1/multiview", {"prompts": ["a"], "colour": "red"}, 422, "colour"),
+    ("/v1/text-to-3d", {"prompts": ["a"], "steps": 201}, 422, "steps"),
+    ("/v1/text-to-3d", {"prompts": ["a"], "guidance": "magic"}, 422, "guidance"),
+    ("/v1/text-to-3d", {"prompts": ["  "]}, 422, "prompts.0"),
+    ("/v1/text-to-3d", {"prompts": ["x" * 60] * 40}, 413, "body"),  # > max_body_bytes
+]
+
+
+def test_bad_input_gets_4xx_naming_the_field(server):
+    url = server["url"]
+    for path, body, status, field in BAD_REQUESTS:
+        r = requests.post(url + path, json=body, headers=auth(), timeout=30)
+        assert r.status_code == status, (path, body, r.text)
+        assert any(e["field"] == field for e in r.json()["errors"]), (body, r.json())
+    r = requests.post(url + "/v1/multiview", data=b'{"prompts": [', timeout=30,
+                      headers=auth() | {"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "malformed JSON body"
+    for path in ("/v1/jobs/not-a-job", "/v1/jobs/20260101T000000-00000000",
+                 "/v1/jobs/20260101T000000-00000000/assets/mesh.glb", "/v1/multiview/x/../../secret.png"):
+        assert requests.get(url + path, headers=auth(), timeout=30).status_code == 404, path
+    assert requests.get(url + "/healthz", timeout=30).status_code == 200  # still up
+
+
+def test_text_to_3d_job_end_to_end(server, tmp_path):
+    client = server["client"]
+    [job] = client.submit(["a red cube"], steps=20, seed=3)
+    seen = set()
+
+    def finished():
+        view = client.status(job)
+        seen.add(view["status"])
+        return view if view["status"] in ("succeeded", "failed", "cancelled") else None
+
+    view = wait_for(finished, 300, "the text-to-3D job")
+    assert view["status"] == "succeeded", view
+    assert {"mesh.glb", "mesh.obj", "turntable.gif", "turntable.mp4", "multiview.png", "metrics.json"} <= set(view["assets"])
+    assert view["progress"]["step"] == 20 and view["attempts"] == 1 and view["metrics"]["steps"] == 20
+    assert "quality" in view["metrics"]  # "a red cube" has a ground truth
+    paths = client.download(job, tmp_path, names=["mesh.glb", "turntable.gif"])
+    mesh = trimesh.load(paths["mesh.glb"], force="mesh")
+    assert len(mesh.vertices) > 100 and len(mesh.faces) > 100
+    assert PIL.Image.open(paths["turntable.gif"]).n_frames == 4
+    r = requests.get(f"{server['url']}/v1/jobs/{job}/assets/checkpoints", headers=auth(), timeout=30)
+    assert r.status_code == 404
+    r = requests.delete(f"{server['url']}/v1/jobs/{job}", headers=auth(), timeout=30)
+    assert r.status_code == 409 and "already succeeded" in r.json()["error"]
+
+
+def test_cancel_a_running_job(server):
+    client = server["client"]
+    [job] = client.submit(["a blue cone"], steps=200)
+    wait_for(lambda: (client.status(job).get("progress") or {}).get("step", 0) >= 5, 120, "the job to start")
+    assert client.cancel(job)["status"] == "cancelling"
+    view = wait_for(lambda: (v := client.status(job))["status"] == "cancelled" and v, 120, "cancellation")
+    assert view["progress"]["step"] < 200 and view["assets"] == []
+
+
+def test_killed_worker_replica_job_resumes_from_checkpoint(server):
+    client = server["client"]
+    store = JobStore(str(server["storage"]))
+    [job] = client.submit(["a green sphere"], steps=40, seed=1)
+    lease = wait_for(lambda: (x := store.lease(job)) and (x.get("step") or 0) >= 10 and x, 180, "step 10")
+    os.kill(int(lease["pid"]), signal.SIGKILL)  # the worker replica process, mid-job
+    view = wait_for(lambda: (v := client.status(job))["status"] in ("succeeded", "failed") and v, 300,
+                    "the retried job")
+    assert view["status"] == "succeeded", view
+    assert view["attempts"] == 2 and view["metrics"]["resumed_from"] >= 10, view
+
+
+def test_restarted_application_resumes_running_and_queued_jobs(server):
+    from ray import serve
+
+    client = server["client"]
+    store = JobStore(str(server["storage"]))
+    [running] = client.submit(["a yellow cylinder"], steps=40, seed=2)
+    wait_for(lambda: ((store.lease(running) or {}).get("step") or 0) >= 10, 180, "step 10")
+    serve.delete(APP)  # the whole application goes away mid-job
+    # accepted while the application was down (e.g. the queue's submit call was lost)
+    queued = store.create("a red torus", {"steps": 10, "seed": 0, "guidance": "mvdream"})
+    deploy(server["args"])
+    for job in (running, queued):
+        view = wait_for(lambda j=job: (v := client.status(j))["status"] in ("succeeded", "failed") and v, 300,
+                        f"job {job} after the restart")
+        assert view["status"] == "succeeded", view
+    assert client.status(running)["metrics"]["resumed_from"] >= 10
+
+
+def test_client_errors_are_raised_with_the_servers_message(server):
+    with pytest.raises(ServeError, match="401"):
+        MVDreamClient(server["url"]).submit(["a cube"])
+    with pytest.raises(ServeError, match="steps"):
+        server["client"].submit(["a cube"], steps=10_000)
