@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/bench_sds.py
 	$(PY) benchmarks/bench_sds_quality.py
 	$(PY) benchmarks/bench_tune.py
+	$(PY) benchmarks/bench_serve.py
 
 lint: setup
 	$(PY) -m ruff check platform jobs tests benchmarks dashboards

@@ -26,6 +26,7 @@ import yaml
 
 from mvdream_platform.client import MVDreamClient, ServeError
 from mvdream_platform.pipelines import MVDreamPipeline
+from mvdream_platform.serve.app import actor_alive
 from mvdream_platform.serve.store import JobStore
 
 from jobs_helpers import ROOT
@@ -234,7 +235,10 @@ def test_killed_worker_replica_job_resumes_from_checkpoint(server):
     store = JobStore(str(server["storage"]))
     [job] = client.submit(["a green sphere"], steps=40, seed=1)
     lease = wait_for(lambda: (x := store.lease(job)) and (x.get("step") or 0) >= 10 and x, 180, "step 10")
+    assert lease["owner"].startswith("SERVE_REPLICA::") and actor_alive(lease["owner"])
     os.kill(int(lease["pid"]), signal.SIGKILL)  # the worker replica process, mid-job
+    # the next attempt can take over at once (not after lease_timeout_s): the owner is seen dead
+    wait_for(lambda: not actor_alive(lease["owner"]), 30, "the killed replica to be seen dead")
     view = wait_for(lambda: (v := client.status(job))["status"] in ("succeeded", "failed") and v, 300,
                     "the retried job")
     assert view["status"] == "succeeded", view
@@ -246,7 +250,7 @@ def test_restarted_application_resumes_running_and_queued_jobs(server):
 
     client = server["client"]
     store = JobStore(str(server["storage"]))
-    [running] = client.submit(["a yellow cylinder"], steps=40, seed=2)
+    [running] = client.submit(["a yellow cylinder"], steps=60, seed=2)
     wait_for(lambda: ((store.lease(running) or {}).get("step") or 0) >= 10, 180, "step 10")
     serve.delete(APP)  # the whole application goes away mid-job
     # accepted while the application was down (e.g. the queue's submit call was lost)

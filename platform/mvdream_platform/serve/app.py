@@ -76,7 +76,7 @@ def _load_pipeline(settings: ServeSettings, num_cpus: float):
     return pipe, device
 
 
-def _actor_alive(name: str) -> bool:
+def actor_alive(name: str) -> bool:
     """Whether the named (Serve replica) actor still exists, so a dead worker's lease can be
     taken over at once instead of after the lease timeout."""
     import ray
@@ -125,7 +125,7 @@ class TextTo3DWorker:
     async def run(self, job_id: str, attempt: int) -> dict[str, Any]:
         return await asyncio.to_thread(run_job, self.store, job_id, self.pipe, self.settings,
                                        owner=self.owner, attempt=attempt, device=self.device,
-                                       owner_alive=_actor_alive)
+                                       owner_alive=actor_alive)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})

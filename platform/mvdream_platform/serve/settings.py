@@ -96,6 +96,12 @@ class WorkerSettings(DeploymentSettings):
     # (or whose owner actor is dead) may be taken over.
     heartbeat_s: float = 5.0
     lease_timeout_s: float = 120.0
+    # Replicas being stopped do not wait long for their job: it resumes from its checkpoint on
+    # the next replica anyway (Serve's default would hold a scale-down for 20 s).
+    graceful_shutdown_timeout_s: float = 2.0
+
+    def options(self) -> dict[str, Any]:
+        return super().options() | {"graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s}
 
     def validate(self, where: str) -> None:
         super().validate(where)

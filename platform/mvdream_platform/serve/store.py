@@ -140,7 +140,12 @@ class JobStore:
         """What GET /v1/jobs/{id} shows: status, progress, ETA, error, asset names."""
         request = self.request(job_id)
         state = self.state(job_id)
+        result = self.result(job_id)
         status = state["status"]
+        if result is not None and status not in TERMINAL:
+            # The worker wrote its result but the queue died before recording it; its restart
+            # will. The result is written last and only when complete, so it is authoritative.
+            status = "succeeded"
         view: dict[str, Any] = {
             "id": job_id, "prompt": request["prompt"], "options": request["options"],
             "status": status, "attempts": state.get("attempts", 0), "created": request["created"],
@@ -154,8 +159,7 @@ class JobStore:
         if status not in TERMINAL and self.cancel_requested(job_id):
             view["status"] = "cancelling"
         if status in TERMINAL:
-            view["finished"] = state.get("finished")
-        result = self.result(job_id)
+            view["finished"] = state.get("finished", (lease or {}).get("heartbeat"))
         view["assets"] = sorted(result["assets"]) if result and status == "succeeded" else []
         if result and status == "succeeded":
             view["metrics"] = result.get("metrics")
