@@ -56,6 +56,7 @@ def app_args(storage: Path) -> dict:
         sds[key] = {**sds.get(key, {}), **value} if isinstance(value, dict) else value
     return {
         "model": yaml.safe_load((ROOT / "conf" / "model" / "tiny.yaml").read_text()),
+        "logger": "disabled", "metrics_every_s": 1.0,
         "sds": sds, "storage": str(storage), "auth_token_env": TOKEN_ENV, "default_sds_steps": 20,
         "limits": {"max_prompts_per_request": 4, "max_prompt_chars": 80, "max_body_bytes": 2048,
                    "max_sampling_steps": 20, "max_sds_steps": 200},
@@ -152,6 +153,16 @@ def test_fifty_concurrent_requests_are_batched(server):
     assert [r.status_code for r in responses] == [200] * 50
     sizes = [r.json()["results"][0]["batch_size"] for r in responses]
     assert max(sizes) > 1, sizes
+    # ... and the serving metrics (the dashboards' source) saw the same batching
+    from mvdream_platform.tracking import read_metrics
+
+    def logged():
+        rows = [m for d in (server["storage"] / "tracking").glob("ingress-*") for m in read_metrics(d)]
+        return rows if sum(m["requests"] for m in rows) >= 50 else None
+
+    rows = wait_for(logged, 30, "the serving metrics")
+    assert max(m.get("max_batch_size", 0) for m in rows) == max(sizes)
+    assert all(m["latency_p95_s"] >= m["latency_p50_s"] > 0 for m in rows if m["requests"])
 
 
 def test_authentication(server):

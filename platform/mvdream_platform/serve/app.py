@@ -39,6 +39,7 @@ from ray import serve
 
 from .. import storage
 from .generator import SampleItem, SamplingKey, key_dict, sample_items
+from .metrics import MetricsWindow
 from .runner import run_job
 from .schemas import (
     ErrorBody,
@@ -194,6 +195,21 @@ class JobQueue:
 
 
 # ---------------------------------------------------------------------------- HTTP ingress
+def _serving_tracker(settings: ServeSettings):
+    """This ingress replica's tracker: W&B run ``serve-<replica>`` + <tracking>/<replica>/metrics.jsonl."""
+    from ..tracking import start_tracking
+
+    try:
+        context = serve.get_replica_context()
+        replica = getattr(getattr(context, "replica_id", None), "unique_id", None) or context.replica_tag
+        app = getattr(context, "app_name", "") or "mvdream"
+    except Exception:  # outside a replica (tests building the class directly)
+        replica, app = f"pid{os.getpid()}", "mvdream"
+    return start_tracking(mode=settings.logger, project=settings.wandb_project, run_name=f"serve-{replica}",
+                          group=f"serve-{app}", config=settings.to_dict(),
+                          dir=storage.join(settings.tracking_folder(), f"ingress-{replica}"), job_type="serve")
+
+
 def _token_digest(env_name: str) -> str | None:
     token = os.environ.get(env_name, "")
     return hashlib.sha256(token.encode()).hexdigest() if token else None
@@ -293,6 +309,15 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
                                 headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(authorised)]
+    # The current metrics window, shared by the error-counting middleware and the routes.
+    stats = {"window": MetricsWindow()}
+
+    @api.middleware("http")
+    async def count_errors(request: Request, call_next):
+        response = await call_next(request)
+        if response.status_code >= 400:
+            stats["window"].errors += 1
+        return response
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
@@ -302,6 +327,23 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
             self.store = JobStore(self.settings.storage)
             self.generator, self.queue = generator, queue
             self.model_name = str(self.settings.model.get("name", "model"))
+            self.tracker = _serving_tracker(self.settings)
+            self.flusher = asyncio.get_event_loop().create_task(self._log_metrics())
+
+        async def _log_metrics(self) -> None:
+            """Every ``metrics_every_s``: one window of latency / batch / queue metrics."""
+            step = 0
+            while True:
+                await asyncio.sleep(self.settings.metrics_every_s)
+                window, stats["window"] = stats["window"], MetricsWindow()
+                try:
+                    active = (await self.queue.stats.remote())["active_jobs"]
+                except Exception:  # the queue restarting must not stop the metrics
+                    active = None
+                summary = window.summary(active)
+                if summary["requests"] or summary["jobs_submitted"] or summary["errors"] or active:
+                    step += 1
+                    self.tracker.log(summary, step=step)
 
         @api.get("/healthz")
         async def healthz(self) -> dict[str, Any]:
@@ -336,8 +378,11 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
                 results.append(MultiViewResult(prompt=item["prompt"], seed=item["seed"], images=images,
                                                cameras=out["cameras"], batch_size=out["batch_size"],
                                                seconds=round(out["seconds"], 4)))
+            seconds = time.perf_counter() - began
+            stats["window"].request(seconds, [o["batch_size"] for o in outputs],
+                                    sum(len(o["pngs"]) for o in outputs))
             return MultiViewResponse(id=request_id, model=self.model_name, results=results,
-                                     seconds=round(time.perf_counter() - began, 4))
+                                     seconds=round(seconds, 4))
 
         @api.get(f"/{API_VERSION}/multiview/{{request_id}}/{{name}}", responses=errors, dependencies=auth)
         async def multiview_image(self, request_id: str, name: str):
@@ -358,6 +403,7 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
             ids = []
             for prompt in body.prompts:
                 ids.append(await asyncio.to_thread(self.store.create, prompt, options))
+            stats["window"].jobs_submitted += len(ids)
             try:  # the jobs are on storage already: if the queue is down, its restart finds them
                 await self.queue.submit.remote(ids)
             except Exception:

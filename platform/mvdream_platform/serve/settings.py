@@ -122,6 +122,13 @@ class ServeSettings:
     storage: str = "outputs/serve"  # job state, assets and URL-returned images (path or fsspec URI)
     auth_token_env: str = "MVDREAM_SERVE_TOKEN"  # bearer token required when this variable is set
     device: str = "auto"
+    # Serving metrics (request latency, batch size, job queue) every ``metrics_every_s`` from
+    # each ingress replica: W&B (offline | online | disabled) plus a local metrics.jsonl under
+    # ``tracking_dir`` (null: <storage>/tracking when storage is local, else outputs/serve/tracking).
+    logger: str = "offline"
+    wandb_project: str = "mvdream-platform"
+    tracking_dir: str | None = None
+    metrics_every_s: float = 10.0
     default_sds_steps: int = 400
     default_sampling_steps: int | None = None  # None: the model's recommendation
     limits: Limits = field(default_factory=Limits)
@@ -131,12 +138,24 @@ class ServeSettings:
     def validate(self) -> None:
         if not self.storage:
             raise ValueError("serve.storage must be a path or URI")
+        if self.metrics_every_s <= 0:
+            raise ValueError(f"serve.metrics_every_s must be > 0, got {self.metrics_every_s}")
         if not 1 <= self.default_sds_steps <= self.limits.max_sds_steps:
             raise ValueError(f"serve.default_sds_steps must be in 1..limits.max_sds_steps "
                              f"({self.limits.max_sds_steps}), got {self.default_sds_steps}")
         self.limits.validate()
         self.generator.validate("serve.generator")
         self.worker.validate("serve.worker")
+
+    def tracking_folder(self) -> str:
+        """Local folder of the serving metrics (W&B needs a local folder)."""
+        from .. import storage
+
+        if self.tracking_dir:
+            return self.tracking_dir
+        if storage.is_local(self.storage):
+            return storage.join(storage.local_path(self.storage), "tracking")
+        return "outputs/serve/tracking"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
