@@ -131,7 +131,7 @@ def plan_meshes(input_glob: str, captions: dict[str, str] | None = None,
     name ("BoxTextured.glb" -> "a box textured"). ``up_axis`` applies to files whose
     ``<stem>.json`` does not set one.
     """
-    paths = sorted(p for p in _glob(input_glob) if p.lower().endswith(MESH_SUFFIXES))
+    paths = sorted(p for p in glob_files(input_glob) if p.lower().endswith(MESH_SUFFIXES))
     if not paths:
         raise ValueError(f"input={input_glob!r} matches no mesh files ({', '.join(MESH_SUFFIXES)})")
     captions = captions or {}
@@ -184,7 +184,8 @@ def _object_id_for_path(stem: str, path: str) -> str:
     return f"{slug}-{zlib.crc32(path.encode()) & 0xFFFFFFFF:08x}"
 
 
-def _glob(pattern: str) -> list[str]:
+def glob_files(pattern: str) -> list[str]:
+    """Files matching a local or fsspec glob (a folder means its direct children), sorted."""
     if storage.is_local(pattern):
         local = storage.local_path(pattern)
         if os.path.isdir(local):
@@ -435,7 +436,7 @@ def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256) -> Ite
 def folder_pairs(input_uri: str, captions: dict[str, str] | None = None) -> Iterator[ImagePair]:
     """Images under ``input_uri`` (folder or glob) with captions from ``captions`` or sidecars."""
     captions = captions or {}
-    paths = sorted(p for p in _glob(input_uri) if p.lower().endswith(IMAGE_SUFFIXES))
+    paths = sorted(p for p in glob_files(input_uri) if p.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise ValueError(f"input={input_uri!r} matches no images ({', '.join(IMAGE_SUFFIXES)})")
     for path in paths:
@@ -516,7 +517,7 @@ class _local_copy:
         name = self.path.rsplit("/", 1)[-1]
         needed = [self.path]
         if name.lower().endswith((".obj", ".gltf")):
-            needed += [p for p in _glob(folder) if p.lower().endswith(self.SIBLINGS)]
+            needed += [p for p in glob_files(folder) if p.lower().endswith(self.SIBLINGS)]
         for remote in needed:
             target = Path(self.tmp.name) / remote.rsplit("/", 1)[-1]
             target.write_bytes(storage.read_bytes(remote))

@@ -12,6 +12,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 LOGGER_MODES = ("offline", "online", "disabled")
+PRESERVATION_DISTANCES = ("l1", "l2")
 
 
 @dataclass
@@ -58,6 +59,11 @@ class TrainerConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
+    # Multi-view DreamBooth's parameter-preservation loss (paper §3.3):
+    # weight * distance(theta, theta_0) / N_theta, theta_0 the weights the run started from
+    # (l1: sum |theta - theta_0|; l2: sum (theta - theta_0)^2). 0 disables it.
+    preservation_weight: float = 0.0
+    preservation_distance: str = "l1"
 
     def validate(self) -> None:
         if self.max_steps < 1:
@@ -76,6 +82,11 @@ class TrainerConfig:
             raise ValueError(f"trainer.text_dropout must lie in [0, 1), got {self.text_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"trainer.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.preservation_weight < 0:
+            raise ValueError(f"trainer.preservation_weight must be >= 0, got {self.preservation_weight}")
+        if self.preservation_distance not in PRESERVATION_DISTANCES:
+            raise ValueError(f"trainer.preservation_distance must be one of {PRESERVATION_DISTANCES}, "
+                             f"got {self.preservation_distance!r}")
 
 
 @dataclass

@@ -42,7 +42,7 @@ from ..pipelines.loading import build_pipeline
 from .checkpointing import load_training_state, save_training_state
 from .comm_timing import attach_allreduce_timer
 from .config import TrainJobConfig
-from .losses import NoiseSchedule, diffusion_loss, drop_text
+from .losses import NoiseSchedule, ParameterPreservation, diffusion_loss, drop_text
 from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm, unwrap_model
 from .samples import sample_grid
 
@@ -89,6 +89,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       schedule=cfg.trainer.lr_schedule,
                                       min_lr_ratio=cfg.trainer.min_lr_ratio)
     ema = EMA(unet, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
+    # theta_0 for DreamBooth's preservation loss: the starting weights, copied before any
+    # checkpoint is restored.
+    preservation = (ParameterPreservation(unet, cfg.trainer.preservation_weight, cfg.trainer.preservation_distance)
+                    if cfg.trainer.preservation_weight > 0 else None)
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -126,9 +130,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with sync:
                 loss, info = _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator,
                                          device, autocast)
+                keep = preservation() if preservation is not None else None
                 t2 = clock()
-                (loss / cfg.trainer.grad_accumulation).backward()
-            window.add(loss.item(), batch, data_s=t1 - t0, forward_s=t2 - t1, backward_s=clock() - t2)
+                total = loss if keep is None else loss + keep
+                (total / cfg.trainer.grad_accumulation).backward()
+            window.add(loss.item(), batch, data_s=t1 - t0, forward_s=t2 - t1, backward_s=clock() - t2,
+                       preservation=keep.item() if keep is not None else None)
         t3 = clock()
         grad_norm = clip_grad_norm(model, cfg.trainer.grad_clip)
         optimizer.step()
@@ -224,14 +231,18 @@ class _Window:
 
     def reset(self) -> None:
         self.losses, self.images, self.samples, self.steps = [], 0, 0, 0
+        self.preservation: list[float] = []
         self.seconds = dict.fromkeys(self.PHASES, 0.0)
         self.kinds = {"multiview": 0, "image": 0}
         self.skipped = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: float, batch: dict, data_s: float, forward_s: float, backward_s: float) -> None:
-        """One micro-batch."""
+    def add(self, loss: float, batch: dict, data_s: float, forward_s: float, backward_s: float,
+            preservation: float | None = None) -> None:
+        """One micro-batch (``loss`` is the diffusion loss; ``preservation`` DreamBooth's term)."""
         self.losses.append(loss)
+        if preservation is not None:
+            self.preservation.append(preservation)
         self.images += batch["images"].shape[0]
         # A sample is one object (its 4 views) on multi-view steps, one image on 2D steps.
         self.samples += batch["images"].shape[0] // batch["num_frames"]
@@ -262,6 +273,8 @@ class _Window:
             "skipped_records": self.skipped,
             "max_rss_mb": _max_rss_mb(),
         }
+        if self.preservation:  # identical on every rank (same weights): no reduction needed
+            metrics["preservation_loss"] = sum(self.preservation) / len(self.preservation)
         # Per optimizer step, this rank's view; sampling and reporting time is not in any phase.
         for phase, total in self.seconds.items():
             metrics[f"{phase}_time_s"] = total / max(self.steps, 1)

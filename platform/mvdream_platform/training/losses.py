@@ -338,3 +338,29 @@ def diffusion_loss(
     weight = min_snr_weight(schedule.snr(t), snr_gamma, prediction_type)
     info["snr_weight"] = weight
     return (weight * per_sample).mean(), info
+
+
+# ---------------------------------------------------------------------- DreamBooth
+class ParameterPreservation:
+    """Multi-view DreamBooth's preservation loss: ``weight * distance(theta, theta_0) / N_theta``.
+
+    ``theta_0`` is a frozen copy of the trainable parameters taken at construction (the weights
+    the fine-tuning starts from: build it before a checkpoint is restored, so a resumed run still
+    measures the distance to the original model, not to its last checkpoint). ``l1`` sums
+    ``|theta - theta_0|`` (the paper's reading), ``l2`` sums ``(theta - theta_0)^2``; both are
+    divided by ``N_theta``, the number of trainable scalars.
+    """
+
+    def __init__(self, module: torch.nn.Module, weight: float = 1.0, distance: str = "l1"):
+        if distance not in ("l1", "l2"):
+            raise ValueError(f"distance must be 'l1' or 'l2', got {distance!r}")
+        self.weight, self.distance = float(weight), distance
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.reference = [p.detach().clone() for p in self.params]
+        self.count = sum(p.numel() for p in self.params)
+
+    def __call__(self) -> torch.Tensor:
+        """The weighted loss (a scalar that back-propagates into the live parameters)."""
+        total = sum(((p - r).abs().sum() if self.distance == "l1" else (p - r).pow(2).sum())
+                    for p, r in zip(self.params, self.reference))
+        return self.weight * total / self.count

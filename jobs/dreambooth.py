@@ -1,0 +1,76 @@
+"""Multi-view DreamBooth (paper §3.3): fine-tune a multi-view model on one subject.
+
+    python jobs/dreambooth.py subject.uri=../shared/data/meshes/Duck.glb subject.class_noun=toy
+    python jobs/dreambooth.py subject.uri=s3://bucket/my_dog/ subject.kind=images \
+        model=/models/mvdream-sd21 cluster=single_gpu data.resolution=256
+    python jobs/generate.py model=outputs/dreambooth/dreambooth-sks/pipeline prompt="a sks toy"
+    python jobs/text_to_3d.py model=outputs/dreambooth/dreambooth-sks/pipeline prompt="a sks toy"
+
+The subject's meshes are rendered into a multi-view set with cameras (or its images become
+2D text-image shards), all captioned with the identifier prompt; then the ordinary Ray Train
+loop fine-tunes with the diffusion loss plus the parameter-preservation loss
+``lambda * distance(theta, theta_0) / N_theta``. Rerunning with the same run.name resumes.
+Writes <run>/pipeline and <run>/dreambooth.json (prompt, subject, settings).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mvdream_platform import storage
+from mvdream_platform.sds.config import build_dataclass
+from mvdream_platform.training.config import TrainJobConfig
+from mvdream_platform.training.dreambooth import SubjectConfig, prepare_subject
+from mvdream_platform.training.trainer import run_training
+
+from _common import expand_model_argv, save_resolved_config
+
+log = logging.getLogger("dreambooth")
+
+
+def training_config(cfg: DictConfig, subject_data: dict) -> TrainJobConfig:
+    """The training run of this DreamBooth job: the subject's data, preservation on."""
+    values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    multiview = subject_data["kind"] == "meshes"
+    data = dict(values["data"], name="dreambooth", p_multiview=1.0 if multiview else 0.0,
+                uri=subject_data["uri"] if multiview else None,
+                image_uri=None if multiview else subject_data["uri"])
+    trainer = dict(values["trainer"], preservation_weight=values["preservation"]["weight"],
+                   preservation_distance=values["preservation"]["distance"])
+    samples = dict(values["samples"], captions=[subject_data["prompt"]])
+    job = TrainJobConfig.from_dict({"model": values["model"], "data": data, "trainer": trainer,
+                                    "cluster": values["cluster"], "run": values["run"],
+                                    "logger": values["logger"], "samples": samples})
+    job.validate()
+    return job
+
+
+def run(cfg: DictConfig) -> dict:
+    subject = build_dataclass(SubjectConfig, OmegaConf.to_container(cfg.subject, resolve=True), "subject")
+    subject.validate()
+    run_folder = storage.join(cfg.run.storage_path, cfg.run.name)
+    save_resolved_config(cfg, run_folder)
+    subject_data = prepare_subject(subject, storage.join(run_folder, "subject"), cfg.data.resolution)
+    job = training_config(cfg, subject_data)
+    summary = run_training(job)
+    record = {"prompt": subject_data["prompt"], "identifier": subject.identifier,
+              "class_noun": subject.class_noun, "subject": subject.uri, "subject_kind": subject_data["kind"],
+              "subject_records": subject_data["records"], "preservation": dict(cfg.preservation),
+              "steps": job.trainer.max_steps, "base_model": OmegaConf.to_container(cfg.model, resolve=True),
+              "pipeline": summary["pipeline"], "final_metrics": summary["metrics"]}
+    storage.write_json(storage.join(run_folder, "dreambooth.json"), record)
+    print(f"pipeline: {summary['pipeline']}\nprompt: {subject_data['prompt']!r}")
+    return record
+
+
+@hydra.main(config_path="../conf", config_name="dreambooth", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    expand_model_argv()
+    main()

@@ -1,0 +1,117 @@
+"""Multi-view DreamBooth (paper §3.3): the subject's training data and the run's description.
+
+The fine-tuning itself is the ordinary training loop (:mod:`.loop`) with the
+parameter-preservation loss on (``TrainerConfig.preservation_weight``) and the subject's data
+in place of the procedural set. This module turns what a user has into that data:
+
+* mesh files of the subject (``kind="meshes"``): rendered into a multi-view set with cameras,
+  ``renders`` times with different elevation, field of view, distance and light, so that every
+  Ray Train rank has records and the model sees the subject under varied conditions;
+* plain images (``kind="images"``): text-image shards, trained as 2D steps (no camera);
+
+every record captioned with the identifier prompt (``"a sks toy"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .. import storage
+from ..data import layout
+from ..data.prepare import (
+    IMAGE_SUFFIXES,
+    MESH_SUFFIXES,
+    RenderSettings,
+    folder_pairs,
+    glob_files,
+    plan_meshes,
+    prepare_multiview,
+    prepare_text_images,
+)
+
+log = logging.getLogger(__name__)
+KINDS = ("auto", "meshes", "images")
+
+
+@dataclass
+class SubjectConfig:
+    """The subject and how to prompt it."""
+
+    uri: str = ""  # folder, glob or fsspec URI of the subject's mesh files or images
+    kind: str = "auto"  # auto | meshes | images
+    identifier: str = "sks"  # a rare token that becomes the subject's name
+    class_noun: str = "toy"
+    prompt_template: str = "a {identifier} {class_noun}"
+    renders: int = 8  # meshes: rendered sets, each its own elevation / fov / distance / light
+    views: int = 32  # meshes: azimuths per rendered set
+    up_axis: str = "auto"
+    seed: int = 0
+
+    @property
+    def prompt(self) -> str:
+        return self.prompt_template.format(identifier=self.identifier, class_noun=self.class_noun)
+
+    def validate(self) -> None:
+        if not self.uri:
+            raise ValueError("subject.uri is required: a folder, glob or URI of the subject's meshes or images")
+        if self.kind not in KINDS:
+            raise ValueError(f"subject.kind must be one of {KINDS}, got {self.kind!r}")
+        if "{identifier}" not in self.prompt_template:
+            raise ValueError(f"subject.prompt_template must contain {{identifier}}, got {self.prompt_template!r}")
+        if not self.identifier.strip() or self.renders < 1 or self.views < 1:
+            raise ValueError("subject.identifier must be non-empty, renders and views >= 1")
+
+
+def subject_files(uri: str) -> list[str]:
+    """The mesh and image files ``uri`` names (a folder's direct children, a glob, one file)."""
+    return sorted(p for p in glob_files(uri) if p.lower().endswith(MESH_SUFFIXES + IMAGE_SUFFIXES))
+
+
+def detect_kind(subject: SubjectConfig) -> tuple[str, list[str]]:
+    """(``meshes`` | ``images``, the files) for the subject; an error names what was found."""
+    files = subject_files(subject.uri)
+    meshes = [f for f in files if f.lower().endswith(MESH_SUFFIXES)]
+    images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    kind = subject.kind
+    if kind == "auto":
+        kind = "meshes" if meshes else "images"
+    chosen = meshes if kind == "meshes" else images
+    if not chosen:
+        raise ValueError(f"subject.uri={subject.uri!r} holds no {kind} "
+                         f"({', '.join(MESH_SUFFIXES if kind == 'meshes' else IMAGE_SUFFIXES)}); "
+                         f"found {len(files)} files")
+    return kind, chosen
+
+
+def prepare_subject(subject: SubjectConfig, out_uri: str, resolution: int, workers: int = 0) -> dict[str, Any]:
+    """Write the subject's training data under ``out_uri``; returns ``{"kind", "uri",
+    "prompt", "records", "files"}``. A finished preparation with the same inputs is reused
+    (its folder name hashes them), so a resumed run trains on identical data."""
+    subject.validate()
+    kind, files = detect_kind(subject)
+    key = json.dumps({"files": files, **asdict(subject), "resolution": resolution}, sort_keys=True)
+    folder = storage.join(out_uri, f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    prompt = subject.prompt
+    if kind == "meshes":
+        base = plan_meshes(subject.uri, captions={f.rsplit("/", 1)[-1]: prompt for f in files},
+                           up_axis=subject.up_axis)
+        specs = [replace(spec, object_id=f"{spec.object_id}-r{k:02d}", caption=prompt)
+                 for spec in base for k in range(subject.renders)]
+        settings = RenderSettings(views=subject.views, resolution=resolution, seed=subject.seed)
+        summary = prepare_multiview(specs, folder, settings, backend="process" if len(specs) > 1 else "serial",
+                                    workers=workers, progress=False)
+        if summary.failed:
+            raise ValueError(f"{summary.failed} subject renders failed: {summary.failures[:3]}")
+        records = len(specs)
+    else:
+        if not storage.exists(storage.join(folder, layout.IMAGES_MANIFEST)):
+            captions = {f.rsplit("/", 1)[-1]: prompt for f in files}
+            prepare_text_images(folder_pairs(subject.uri, captions), folder, source=f"dreambooth:{subject.uri}",
+                                progress=False)
+        records = storage.read_json(storage.join(folder, layout.IMAGES_MANIFEST))["rows"]
+    log.info("subject %s: %d %s records captioned %r in %s", subject.uri, records, kind, prompt, folder)
+    return {"kind": kind, "uri": folder, "prompt": prompt, "records": records, "files": files}

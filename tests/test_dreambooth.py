@@ -1,0 +1,122 @@
+"""Multi-view DreamBooth: the preservation loss, the subject's data, the job on Ray Train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mvdream_platform.data.datasets import MultiViewDataset
+from mvdream_platform.pipelines import MVDreamPipeline
+from mvdream_platform.training.dreambooth import SubjectConfig, detect_kind, prepare_subject
+from mvdream_platform.training.losses import ParameterPreservation
+
+from jobs_helpers import ROOT, compose, import_job
+
+DUCK = ROOT.parent / "shared" / "data" / "meshes" / "Duck.glb"
+
+
+def test_preservation_loss_is_the_papers_formula():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    keep = ParameterPreservation(module, weight=2.0, distance="l1")
+    assert keep().item() == 0.0 and keep.count == 3 * 4 + 4 + 4 * 2 + 2
+    with torch.no_grad():
+        module[0].weight.add_(0.5)  # 12 scalars moved by 0.5
+        module[1].bias.sub_(1.0)  # 2 scalars moved by 1
+    assert keep().item() == pytest.approx(2.0 * (12 * 0.5 + 2 * 1.0) / 26)
+    squared = ParameterPreservation(module, weight=1.0, distance="l2")
+    assert squared().item() == 0.0  # theta_0 is taken when the loss is built
+    keep().backward()
+    assert torch.allclose(module[1].bias.grad, torch.full((2,), -2.0 / 26))
+    assert torch.all(module[0].bias.grad == 0)  # unmoved parameters: |0| has zero subgradient
+    with pytest.raises(ValueError, match="'l1' or 'l2'"):
+        ParameterPreservation(module, distance="cosine")
+
+
+def test_preservation_holds_weights_near_the_start():
+    """Same data, same steps: the regularised fine-tune ends closer to theta_0."""
+    def finetune(weight: float) -> float:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
+        start = [p.detach().clone() for p in model.parameters()]
+        keep = ParameterPreservation(model, weight=weight)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        x, y = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)), torch.ones(64, 1)
+        for _ in range(100):
+            opt.zero_grad()
+            ((model(x) - y).pow(2).mean() + keep()).backward()
+            opt.step()
+        return sum((p - s).abs().sum().item() for p, s in zip(model.parameters(), start))
+
+    assert finetune(50.0) < 0.5 * finetune(0.0)
+
+
+def test_subject_meshes_become_captioned_multiview_records(tmp_path):
+    subject = SubjectConfig(uri=str(DUCK), identifier="sks", class_noun="toy", renders=3, views=4)
+    assert detect_kind(subject)[0] == "meshes"
+    out = prepare_subject(subject, str(tmp_path / "subject"), resolution=16)
+    assert out["kind"] == "meshes" and out["records"] == 3 and out["prompt"] == "a sks toy"
+    dataset = MultiViewDataset(out["uri"], resolution=16, num_views=4)
+    assert len(dataset) == 3
+    items = [dataset[i] for i in range(3)]
+    assert {it["caption"] for it in items} == {"a sks toy"}
+    assert items[0]["images"].shape == (4, 3, 16, 16) and items[0]["cameras"].shape == (4, 16)
+    # each rendered set has its own camera elevation (varied conditions, one subject)
+    assert len({round(float(it["cameras"][0, 11]), 4) for it in items}) == 3
+    again = prepare_subject(subject, str(tmp_path / "subject"), resolution=16)
+    assert again["uri"] == out["uri"]  # reused, not re-rendered
+
+
+def test_subject_images_become_text_image_shards(tmp_path):
+    import PIL.Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        PIL.Image.new("RGB", (20, 20), (200, 40 * i, 0)).save(folder / f"p{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = prepare_subject(SubjectConfig(uri=str(folder), identifier="zxq", class_noun="dog"),
+                          str(tmp_path / "subject"), resolution=16)
+    assert out["kind"] == "images" and out["records"] == 3 and out["prompt"] == "a zxq dog"
+
+
+def test_subject_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="subject.uri is required"):
+        SubjectConfig().validate()
+    with pytest.raises(ValueError, match="holds no meshes"):
+        detect_kind(SubjectConfig(uri=str(tmp_path), kind="meshes"))
+    with pytest.raises(ValueError, match=r"must contain \{identifier\}"):
+        SubjectConfig(uri="x", prompt_template="a toy").validate()
+
+
+@pytest.mark.slow
+def test_dreambooth_job_on_two_ray_workers(tmp_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        job = import_job("dreambooth")
+        record = job.run(compose("dreambooth", [
+            f"subject.uri={DUCK}", "subject.renders=2", "subject.views=4", "model=tiny",
+            "cluster=local_cpu", "logger=disabled", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+            "trainer.log_every=1", "trainer.lr=1e-3", "samples.every=0", "preservation.weight=1000",
+            "data.multiview_batch=2", f"run.storage_path={tmp_path}", "run.name=db"]))
+    finally:
+        ray.shutdown()
+    run = Path(tmp_path) / "db"
+    assert record["prompt"] == "a sks toy" and record["subject_records"] == 2
+    assert json.loads((run / "dreambooth.json").read_text())["preservation"] == {"weight": 1000, "distance": "l1"}
+    lines = [json.loads(x) for x in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert all(m["multiview_fraction"] == 1.0 for m in lines)
+    # the preservation term is logged: 0 before the first update, then growing as the weights
+    # leave theta_0
+    assert lines[0]["preservation_loss"] == 0 < lines[1]["preservation_loss"] < lines[-1]["preservation_loss"]
+    pipe = MVDreamPipeline.from_pretrained(run / "pipeline")
+    base = MVDreamPipeline.from_pretrained(ROOT / "checkpoints" / "tiny")
+    moved = sum((a - b).abs().sum().item() for a, b in zip(pipe.unet.parameters(), base.unet.parameters()))
+    assert moved > 0  # fine-tuned from the shipped model, not from scratch
+    images = pipe("a sks toy", num_views=4, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 4, 32, 32, 3)
