@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import wandb_workspaces.reports.v2 as wr
-
 from definitions import Target, build_all, describe, sweep_params_from_yaml
 
 API_KEY_ENV = "WANDB_API_KEY"

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvdream_platform.tracking import read_metrics
-
 from wandb_offline import OfflineRunError, read_offline_run
+
+from mvdream_platform.tracking import read_metrics
 
 MAX_DEPTH = 4
 # Folders that never hold a run: model weights, checkpoints, media, caches.
@@ -248,7 +248,7 @@ def read_training(path: Path, name: str, tracking: Path) -> TrainingRun | None:
         offline = read_offline_folder(tracking / "wandb")
         if not offline:
             return None
-        run.records = offline[0]["history"]
+        run.records = _records(offline[0]["history"])
         run.summary = summary or _scalars(offline[0]["summary"])
         run.source = "W&B offline run"
     return run
@@ -292,14 +292,23 @@ def read_offline_folder(folder: Path) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
+def _records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """W&B history rows as our metrics records: ``_step`` -> ``step``, ``_timestamp`` ->
+    ``time``, W&B's other ``_`` keys dropped."""
+    records = []
+    for row in history:
+        record = {k: v for k, v in row.items() if not k.startswith("_")}
+        record["step"] = row["_step"]
+        record.setdefault("time", row.get("_timestamp"))
+        records.append(record)
+    return records
+
+
 def _from_offline(path: Path, name: str) -> list[Item]:
     """Items of offline W&B runs, sorted by their job type (history keys when it is unset)."""
     items: list[Item] = []
     for run in read_offline_folder(path):
-        history = [{("step" if k == "_step" else k): v for k, v in r.items()
-                    if not k.startswith("_") or k == "_step"} for r in run["history"]]
-        for row, raw in zip(history, run["history"]):
-            row.setdefault("time", raw.get("_timestamp"))
+        history = _records(run["history"])
         label = f"{name} ({run['run'].get('name') or run['run'].get('id')})"
         job_type = run["run"].get("job_type") or _job_type_from_keys(_keys(history))
         if job_type == "train":

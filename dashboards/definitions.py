@@ -33,10 +33,10 @@ from wandb_workspaces import expr
 
 # ---------------------------------------------------------------------------- metric keys
 # Training (mvdream_platform.training.loop logs these every `log_every` steps).
-TRAIN_LOSS = ("loss",)
+TRAIN_LOSS = ("loss", "preservation_loss")  # the second one only with DreamBooth's prior term
 TRAIN_OPTIM = ("lr", "grad_norm")
 TRAIN_THROUGHPUT = ("images_per_s", "samples_per_s")
-TRAIN_MEMORY = ("max_rss_mb",)
+TRAIN_MEMORY = ("max_rss_mb", "cuda_max_allocated_mb")  # host; GPU when there is one
 TRAIN_STEP_PARTS = ("data_time_s", "forward_time_s", "backward_time_s", "optimizer_time_s",
                     "allreduce_time_s")
 TRAIN_STEP_TIME = ("step_time_s",)
@@ -68,7 +68,7 @@ DEFAULT_SWEEP_PARAMS = ("seed", "guidance_scale", "negative_prompt",
                         "sds.guidance.anneal_steps")
 # A sweep's panels show this many trials (W&B's default of 10 hides most of a sweep).
 SWEEP_MAX_RUNS = 50
-# Objectives Tune minimises (mvdream_platform.tune: prior_eps_mse); the others are maximised.
+# Objectives Tune minimises (mode "min" in mvdream_platform.tune.objective.METRICS).
 MINIMISED = ("prior_eps_mse",)
 
 
@@ -162,7 +162,8 @@ def training_sections() -> list[tuple[str, list[Any]]]:
         ("Throughput", [_lines("Images per second", TRAIN_THROUGHPUT[:1]),
                         _lines("Samples per second", TRAIN_THROUGHPUT[1:]),
                         _lines("Multi-view fraction of the batch", TRAIN_DATA)]),
-        ("Memory", [_lines("Peak host memory (MB)", TRAIN_MEMORY)]),
+        ("Memory", [_lines("Peak host memory (MB)", TRAIN_MEMORY[:1]),
+                    _lines("Peak GPU memory (MB)", TRAIN_MEMORY[1:])]),
         ("Step time", [_lines("Step time breakdown (s)", TRAIN_STEP_PARTS,
                               plot_type="stacked-area"),
                        _lines("Step time (s)", TRAIN_STEP_TIME)]),
@@ -184,7 +185,7 @@ def sweep_sections(target: Target) -> list[tuple[str, list[Any]]]:
         ("Hyper-parameters to metrics", [
             wr.ParallelCoordinatesPlot(title=f"Hyper-parameters -> {metric}", columns=columns,
                                        layout=wr.Layout(w=24, h=9)),
-            wr.ParameterImportancePlot(with_respect_to=f"summary:{metric}"),
+            wr.ParameterImportancePlot(with_respect_to=metric),
             wr.ScatterPlot(title=f"{metric} by trial", x=wr.Metric("CreatedTimestamp"),
                            y=wr.SummaryMetric(metric)),
         ]),

@@ -48,6 +48,8 @@ def lines(runs: dict[str, Sequence[dict[str, Any]]], keys: Sequence[str], title:
     runs: label -> records. A run's label is left out of the legend when there is one run, a
     key's when there is one key.
     """
+    # Keys no run logged (e.g. DreamBooth's preservation_loss) do not count for the legend.
+    keys = [k for k in keys if any(series(records, k, x)[0] for records in runs.values())]
     fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
     drawn = 0
     for label, records in runs.items():

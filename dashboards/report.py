@@ -48,8 +48,10 @@ from collect import (
 
 MAX_SAMPLE_GRIDS = 3  # latest sample grids shown per training run
 MAX_SWEEP_GIFS = 48  # turntables shown per sweep (the best ones): keeps the file mailable
+# The step-time breakdown our training loop logs; runs from before that instrumentation logged
+# forward+backward+optimizer as one compute_time_s, which the stack then shows instead.
 STEP_PARTS = ("data_time_s", "forward_time_s", "backward_time_s", "optimizer_time_s",
-              "allreduce_time_s")
+              "allreduce_time_s", "compute_time_s")
 MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 CSS = """
@@ -63,7 +65,8 @@ th, td { border: 1px solid #ddd; padding: 0.25em 0.5em; text-align: right; }
 th { background: #f4f4f4; } td.text { text-align: left; }
 tr.best td { background: #eaf7ea; font-weight: 600; }
 .figures, .gallery { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
-figure { margin: 0; } figcaption { font-size: 0.8em; color: #444; max-width: 40em; }
+figure { margin: 0; }
+figcaption { font-size: 0.8em; color: #444; max-width: 40em; overflow-wrap: anywhere; }
 .gallery figure { width: 200px; } .gallery img { width: 192px; image-rendering: pixelated; }
 img.wide { max-width: 100%; } .scroll { overflow-x: auto; }
 """
@@ -175,13 +178,16 @@ def training_section(runs: Sequence[TrainingRun]) -> str:
                     "samples/s (last 10)", "peak RSS MB", "step s (last 10)"), rows,
                    text_columns=2),
              plot_figures([
-                 (plots.lines(by_name, ["loss"], "Loss", log_y=True), "Training loss"),
+                 (plots.lines(by_name, ["loss", "preservation_loss"], "Loss", log_y=True),
+                  "Training loss (and DreamBooth's preservation loss)"),
                  (plots.lines(by_name, ["lr"], "Learning rate"), "Learning rate"),
                  (plots.lines(by_name, ["grad_norm"], "Gradient norm"), "Gradient norm"),
                  (plots.lines(by_name, ["images_per_s", "samples_per_s"], "Throughput",
                               ylabel="per second"), "Throughput (images and samples per s)"),
                  (plots.lines(by_name, ["max_rss_mb"], "Peak host memory", ylabel="MB"),
                   "Peak resident memory of the rank-0 process"),
+                 (plots.lines(by_name, ["cuda_max_allocated_mb"], "Peak GPU memory",
+                              ylabel="MB"), "Peak GPU memory allocated by rank 0"),
              ])]
     for run in runs:
         breakdown = plots.stacked(run.records, STEP_PARTS, "step_time_s",
@@ -263,23 +269,29 @@ def sweep_section(sweep: Sweep) -> str:
     ])
 
 
-def _elapsed(replicas: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+def _on_time_axis(replicas: dict[str, list[dict[str, Any]]]
+                  ) -> tuple[dict[str, list[dict[str, Any]]], str, str]:
     """Records with ``elapsed_s`` (seconds since the first window of any replica), so that
-    replicas started at different times share one time axis."""
-    times = [r["time"] for records in replicas.values() for r in records if _finite(r.get("time"))]
-    start = min(times) if times else 0.0
-    return {name: [{**r, "elapsed_s": r["time"] - start} for r in records
-                   if _finite(r.get("time"))] or records
-            for name, records in replicas.items()}
+    replicas started at different times share one time axis; returns (records, x key, x label).
+
+    Falls back to the window index when some replica's windows are not strictly increasing in
+    time (the recorded time has millisecond resolution, and a clock may step back)."""
+    def increasing(records: list[dict[str, Any]]) -> bool:
+        times = [r.get("time") for r in records]
+        return all(_finite(t) for t in times) and all(a < b for a, b in zip(times, times[1:]))
+
+    if not all(increasing(records) for records in replicas.values()):
+        return replicas, "step", "window"
+    start = min(r["time"] for records in replicas.values() for r in records)
+    timed = {name: [{**r, "elapsed_s": r["time"] - start} for r in records]
+             for name, records in replicas.items()}
+    return timed, "elapsed_s", "seconds since the first window"
 
 
 def serving_section(serving: Sequence[Serving]) -> str:
     parts = ["<h2 id=serving>Serving</h2>"]
     for item in serving:
-        replicas = _elapsed(item.replicas)
-        x = "elapsed_s" if all(any("elapsed_s" in r for r in v) for v in replicas.values()) \
-            else "step"
-        xlabel = "seconds since the first window" if x == "elapsed_s" else "window"
+        replicas, x, xlabel = _on_time_axis(item.replicas)
         rows = [(name, len(recs), sum(r.get("requests") or 0 for r in recs),
                  mean(recs, "latency_p50_s"), peak(recs, "latency_p95_s"),
                  mean(recs, "mean_batch_size"), peak(recs, "max_batch_size"),

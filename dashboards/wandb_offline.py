@@ -97,13 +97,21 @@ def _config_value(value_json: str) -> Any:
     return value
 
 
+def drop_media(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without media entries: wandb-core flattens an image or table into nested
+    keys (``samples._type``, ``samples.width``, ``samples.filenames``...) beside the scalars."""
+    media = {k[: -len("._type")] for k in values if k.endswith("._type")}
+    return {k: v for k, v in values.items()
+            if k not in media and not any(k.startswith(m + ".") for m in media)}
+
+
 def read_offline_run(path: str | Path) -> dict[str, Any]:
     """What an offline run recorded: identity, config, history and summary.
 
     path: an ``offline-run-*`` folder or its ``run-<id>.wandb`` file.
     Returns ``{"path", "run": {id, name, project, group, job_type}, "config": {key: value},
     "history": [{"_step": int, key: scalar, ...}, ...] in step order (rows sharing a step
-    merged; media entries, which W&B stores as dicts, left out), "summary": {key: value}}``.
+    merged; media entries left out, see :func:`drop_media`), "summary": {key: value}}``.
     Raises FileNotFoundError when there is no ``.wandb`` file, OfflineRunError when it is not
     one.
     """
@@ -139,6 +147,7 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
                 value = _history_value(item)
                 if not isinstance(value, (dict, list)):  # media and tables are dicts
                     row[_item_key(item)] = value
+            row = drop_media(row)
             step = row.get("_step", record.history.step.num)
             by_step.setdefault(int(step), {}).update(row, _step=int(step))
         elif kind == "summary":
@@ -148,4 +157,4 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
     config.pop("_wandb", None)  # W&B's own bookkeeping, not the job's configuration
     history = [by_step[s] for s in sorted(by_step)]
     return {"path": str(path), "run": run, "config": config, "history": history,
-            "summary": summary}
+            "summary": drop_media(summary)}

@@ -1,0 +1,187 @@
+"""Multi-view DreamBooth evidence at tiny scale: does fine-tuning on a subject make the
+identifier prompt produce that subject, and what does it cost on the standard captions?
+
+For the base model and each DreamBooth run (same subject, same steps; different preservation
+weights), with identical settings:
+
+* **subject, multi-view sampling**: ``--seeds`` 4-view samples of the identifier prompt against
+  renders of the subject mesh at the same cameras: silhouette IoU (aligned / raw) and whether the
+  dominant colour matches the subject's;
+* **subject, text-to-3D**: multi-view SDS of the identifier prompt (conf/sds/tiny.yaml,
+  ``--sds-steps``), the NeRF's albedo at 8 held-out orbit views against the subject's renders
+  there: IoU and colour (:func:`mvdream_platform.sds.quality.score_views`);
+* **procedural captions**: :func:`mvdream_platform.evaluation.evaluate` on held-out
+  single-primitive captions (colour accuracy, IoU), and the change against the base model.
+
+    .venv/bin/python benchmarks/dreambooth_eval.py --subject ../shared/data/meshes/Duck.glb \
+        --prompt "a sks toy" --runs none=outputs/dreambooth/db-w0/pipeline \
+        paper=outputs/dreambooth/db-w1/pipeline strong=outputs/dreambooth/db-w3000/pipeline
+
+Writes results/dreambooth.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def subject_truth_views(mesh, settings, resolution: int) -> np.ndarray:
+    """(F, H, W, 3) the subject at the evaluation cameras of multi-view sampling, on mid-grey."""
+    from mvdream_platform.evaluation import render_ground_truth
+
+    return render_ground_truth(SimpleNamespace(mesh=mesh), settings, resolution)
+
+
+def score_multiview(pipe, mesh, prompt: str, seeds: int, guidance: float, steps: int) -> dict:
+    """Identifier-prompt samples vs the subject's renders at the same 4 cameras."""
+    from mvdream_platform.evaluation import (
+        EvalSettings,
+        _iou,
+        aligned_iou,
+        classify_colour,
+        foreground_mask,
+        shaded_palette,
+    )
+
+    settings = EvalSettings(steps=steps, guidance_scale=guidance)
+    resolution = pipe.default_size
+    truth = subject_truth_views(mesh, settings, resolution)
+    palette = shaded_palette()
+    truth_masks = [foreground_mask(v, settings.foreground_threshold) for v in truth]
+    expected = classify_colour(np.concatenate([v[m] for v, m in zip(truth, truth_masks)]), palette)
+    ious, raws, colours = [], [], []
+    grids = []
+    for seed in range(seeds):
+        views = pipe(prompt, num_views=4, elevation=settings.elevation, num_inference_steps=steps,
+                     guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+                     output_type="np").images[0]
+        grids.append(np.concatenate(list(views), 1))
+        for view, gt_mask in zip(views, truth_masks):
+            mask = foreground_mask(view, settings.foreground_threshold)
+            ious.append(aligned_iou(mask, gt_mask))
+            raws.append(_iou(mask, gt_mask))
+            colours.append(classify_colour(view[mask], palette) == expected)
+    grid = np.concatenate(grids + [np.concatenate(list(truth), 1)], 0)
+    return {"iou": float(np.mean(ious)), "iou_raw": float(np.mean(raws)),
+            "colour_accuracy": float(np.mean(colours)), "expected_colour": expected,
+            "views": len(ious)}, grid
+
+
+def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
+    """Multi-view SDS of the identifier prompt, scored against the subject at held-out views."""
+    from mvdream_platform.data import render
+    from mvdream_platform.evaluation import classify_colour, shaded_palette
+    from mvdream_platform.sds.config import sds_config_for
+    from mvdream_platform.sds.optimize import build_scene, render_orbit
+    from mvdream_platform.sds.pipeline import run_text_to_3d
+    from mvdream_platform.sds.quality import evaluation_orbit, score_views
+
+    sds = yaml.safe_load((REPO / "conf" / "sds" / "tiny.yaml").read_text())
+    cfg = sds_config_for({"sds": sds, "steps": steps, "guidance": "mvdream", "guidance_scale": None})
+    record = run_text_to_3d(prompt, pipe, cfg, str(out), seed=0, progress=False)
+    # The finished field, reloaded from the run's last checkpoint.
+    scene = build_scene(cfg, seed=0)
+    from mvdream_platform.sds.checkpoint import load_checkpoint
+
+    load_checkpoint(str(out / "checkpoints"), scene.modules(), None)
+    resolution = cfg.export.turntable_resolution
+    c2w = evaluation_orbit(cfg.export.quality_views, cfg.cameras.eval_elevation, cfg.cameras.eval_distance)
+    views = render_orbit(scene, cfg, len(c2w), resolution, shading="albedo", c2w=c2w)
+    rgba = render.render_views(mesh, c2w, cfg.cameras.eval_fovy, resolution, antialias=2)
+    truth = rgba[..., 3] > 127
+    expected = classify_colour(rgba[..., :3][truth] / 255, shaded_palette())
+    scores = score_views(views["albedo"], views["opacity"], truth, expected)
+    return {"iou": scores["mean_iou"], "iou_raw": scores["mean_iou_raw"],
+            "colour_accuracy": scores["colour_accuracy"], "expected_colour": expected,
+            "seconds": record["total_seconds"]}
+
+
+def score_procedural(pipe, objects: int, guidance: float, steps: int) -> dict:
+    from mvdream_platform.evaluation import EvalSettings, evaluate
+
+    report, _ = evaluate(pipe, EvalSettings(num_objects=objects, steps=steps, guidance_scale=guidance),
+                         progress=False)
+    return {"objects": report.objects, "colour_accuracy": report.colour_accuracy,
+            "iou": report.mean_iou, "iou_raw": report.mean_iou_raw}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subject", default=str(REPO.parent / "shared" / "data" / "meshes" / "Duck.glb"))
+    parser.add_argument("--prompt", default="a sks toy")
+    parser.add_argument("--base", default=str(REPO / "checkpoints" / "tiny"))
+    parser.add_argument("--runs", nargs="+", default=[], help="name=pipeline_folder ...")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--objects", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=30, help="DDIM steps of multi-view sampling")
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--sds-steps", type=int, default=400)
+    parser.add_argument("--work", default="outputs/dreambooth_eval")
+    parser.add_argument("--out", default=str(RESULTS / "dreambooth.json"))
+    args = parser.parse_args()
+
+    from mvdream_platform import storage
+    from mvdream_platform.data import render
+    from mvdream_platform.pipelines import MVDreamPipeline
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    mesh, _ = render.load_normalized_mesh(args.subject)
+    models = {"base": args.base} | dict(item.split("=", 1) for item in args.runs)
+    work = Path(args.work)
+    rows = {}
+    for name, path in models.items():
+        began = time.perf_counter()
+        pipe = MVDreamPipeline.from_pretrained(path)
+        pipe.set_progress_bar_config(disable=True)
+        subject_mv, grid = score_multiview(pipe, mesh, args.prompt, args.seeds, args.guidance, args.steps)
+        storage.write_bytes(str(work / f"{name}_subject_samples.png"),
+                            storage.encode_png((grid * 255).round().clip(0, 255).astype(np.uint8)))
+        subject_3d = score_text_to_3d(pipe, mesh, args.prompt, args.sds_steps, work / f"{name}_t23d")
+        procedural = score_procedural(pipe, args.objects, args.guidance, args.steps)
+        training = {}
+        record_file = Path(path).parent / "dreambooth.json"
+        if record_file.is_file():
+            db = json.loads(record_file.read_text())
+            training = {"preservation": db["preservation"], "steps": db["steps"],
+                        "final_loss": db["final_metrics"].get("loss"),
+                        "preservation_loss": db["final_metrics"].get("preservation_loss")}
+        rows[name] = {"model": str(path), "training": training, "subject_multiview": subject_mv,
+                      "subject_text_to_3d": subject_3d, "procedural": procedural,
+                      "seconds": round(time.perf_counter() - began, 1)}
+        print(f"{name}: {json.dumps(rows[name])}", flush=True)
+    base = rows["base"]["procedural"]
+    for row in rows.values():
+        row["procedural_change"] = {k: round(row["procedural"][k] - base[k], 4)
+                                    for k in ("colour_accuracy", "iou")}
+    record = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+              "settings": vars(args), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+    print("| model | preservation | subject samples IoU / colour | subject text-to-3D IoU / colour "
+          "| procedural colour / IoU (change) |\n| --- | --- | --- | --- | --- |")
+    for name, row in rows.items():
+        p = row["training"].get("preservation")
+        mv, t3, pr, d = row["subject_multiview"], row["subject_text_to_3d"], row["procedural"], row["procedural_change"]
+        print(f"| {name} | {'-' if p is None else p['weight']} | {mv['iou']:.3f} / {100 * mv['colour_accuracy']:.0f}% "
+              f"| {t3['iou']:.3f} / {100 * t3['colour_accuracy']:.0f}% "
+              f"| {100 * pr['colour_accuracy']:.1f}% / {pr['iou']:.3f} "
+              f"({100 * d['colour_accuracy']:+.1f} pt / {d['iou']:+.3f}) |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
