@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,11 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from mvdream_platform.data.datasets import MultiViewDataset, TextImageDataset
 from mvdream_platform.data.mixture import MULTIVIEW, MixtureLoader
+
+from machine_info import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # One writer of the fixture layout, shared with the tests.
@@ -122,11 +121,6 @@ def training_images_per_s() -> dict:
     return out
 
 
-def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-
 
 def bench_size(size: int, args: argparse.Namespace, root: Path) -> list[dict]:
     t0 = time.perf_counter()
@@ -185,7 +179,7 @@ def main() -> None:
         print(f"{r['fixture']:8} {r['loader']:20} {r.get('items_per_s', float('nan')):9.1f} "
               f"{r['images_per_s']:9.1f} {r.get('batches_per_s', float('nan')):10.2f} "
               f"{r['ratio_vs_training']:7.1f} {r.get('startup_s', float('nan')):8.2f}")
-    record = {"benchmark": "data_loading", "machine": machine(), "training": training,
+    record = {"benchmark": "data_loading", "machine": describe(), "training": training,
               "batch": {MULTIVIEW: f"{OBJECTS_PER_STEP} objects x {FRAMES} views",
                         "image": IMAGES_PER_STEP, "p_multiview": P_MULTIVIEW},
               "fixture": {"objects": args.objects, "views": VIEWS, "rows": args.rows,

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,8 @@ import trimesh
 
 from mvdream_platform.cameras import orbit_camera_to_world
 from mvdream_platform.data import render
+
+from machine_info import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MESHES = Path(__file__).resolve().parents[1] / "tests" / "data" / "meshes"
@@ -86,17 +86,6 @@ def time_render(mesh, c2w: torch.Tensor, resolution: int, antialias: int, thread
     render.render_views(mesh, c2w, FOVY, resolution, antialias=antialias, num_threads=threads)
     return time.perf_counter() - start
 
-
-def machine(all_cpus: set[int]) -> dict[str, object]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {name: metadata.version(name) for name in ("numpy", "torch", "trimesh", "embreex")}
-    return {"cpu": cpu, "cores": len(all_cpus), "platform": platform.platform(),
-            "python": platform.python_version(), **versions}
 
 
 def main() -> None:
@@ -158,7 +147,7 @@ def main() -> None:
     print(f"target >= {TARGET:.0f} views/s at 64x64, ~1k faces, one core: "
           f"{small['views_per_s']:.0f} views/s ({verdict})")
 
-    result = {"benchmark": "render", "machine": machine(all_cpus), "fovy_deg": FOVY,
+    result = {"benchmark": "render", "machine": describe(("numpy", "torch", "trimesh", "embreex"), cores=len(all_cpus)), "fovy_deg": FOVY,
               "repeats": repeats, "statistic": "median over repeats of views / seconds",
               "bvh_build_s": {k: round(v, 4) for k, v in prepare_s.items()},
               "target": {"views_per_s": TARGET, "setting": "64x64, icosphere-1k, one core",

@@ -51,12 +51,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -69,6 +66,8 @@ from mvdream_platform.sds.guidance import MultiViewGuidance
 from mvdream_platform.sds.optimize import build_optimizer, build_scene, step_generator
 from mvdream_platform.sds.render import ray_sphere_intersect
 from mvdream_platform.sds.shading import random_background_color, sample_shading
+
+from machine_info import describe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -408,22 +407,6 @@ def time_composite_only(renderer, samples, field_out, n_rays: int) -> tuple[floa
 # ----------------------------------------------------------------------------- report
 
 
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "cores_allowed": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "nerfacc": metadata.version("nerfacc"),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
 
 def load_config(path: Path) -> SDSConfig:
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -492,7 +475,7 @@ def main() -> None:
     if args.out is None:
         args.out = RESULTS / ("sds_cuda.json" if device.type == "cuda" else "sds.json")
     torch.set_num_threads(args.threads)
-    info = machine(device)  # before the work, so the load average is the machine's own
+    info = describe(("torch", "nerfacc"))  # before the work, so the load average is the machine's own
     began = time.perf_counter()
 
     cfg = load_config(args.sds_config)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.sds.config import SDSConfig
 from mvdream_platform.sds.optimize import build_scene
 from mvdream_platform.sds.pipeline import run_text_to_3d, score_against_truth
+
+from machine_info import describe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,9 +95,7 @@ def main() -> None:
         print(f"| **mean** | | **{kind}** | **{s['mean_iou']:.3f}** / {s['mean_iou_raw']:.3f} | "
               f"**{s['colour_accuracy']:.0%}** |")
     record = {"benchmark": "sds_quality", "date": time.strftime("%Y-%m-%d"),
-              "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                          "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "threads": args.threads},
+              "machine": describe(threads=args.threads),
               "settings": {"steps": args.steps, "seeds": args.seeds, "sds_config": "conf/sds/tiny.yaml",
                            "model": "checkpoints/tiny", "views_scored": 8},
               "targets": {"iou": 0.6, "colour_accuracy": 0.9}, "summary": summary, "runs": rows}

@@ -26,40 +26,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import socket
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 
 import requests
 import torch
 import yaml
 
+from mvdream_platform.serve.metrics import percentile
+
+from machine_info import describe
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 APP = "bench-serve"
 
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": metadata.version("ray"),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def body(i: int, args) -> dict:
@@ -153,7 +138,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    record: dict = {"machine": machine(), "settings": vars(args).copy()}
+    record: dict = {"machine": describe(("torch", "ray")), "settings": vars(args).copy()}
     direct = serial_direct(args)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 from mvdream_platform.data import prepare
 from mvdream_platform.pipelines.loading import ModelConfig
@@ -44,6 +41,8 @@ from mvdream_platform.training.config import (
 )
 from mvdream_platform.training.samples import SampleConfig
 from mvdream_platform.training.trainer import ensure_ray, run_training
+
+from machine_info import describe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,10 +99,6 @@ def measure(workers: int, args: argparse.Namespace, mv: str, img: str, storage: 
     return row
 
 
-def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -139,7 +134,7 @@ def main() -> None:
         merged["samples_images_per_s"] = [round(r["images_per_s"], 1) for r in rows]
         summary.append(merged)
     ratio = summary[1]["images_per_s"] / summary[0]["images_per_s"]
-    record = {"benchmark": "train", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+    record = {"benchmark": "train", "date": time.strftime("%Y-%m-%d"), "machine": describe(("torch", "ray")),
               "settings": {"model": "tiny_init (4.6M params, 32 px pixel space)", "views": 4,
                            "per_worker_batch": "8 objects x 4 views or 32 images (p_multiview 0.7)",
                            "torch_threads_per_worker": 1, "measured_steps": args.steps,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +19,8 @@ from pathlib import Path
 import torch
 
 from mvdream_platform.models import MultiViewUNet
+
+from machine_info import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,14 +130,6 @@ def bench_config(name: str, repeats: int, objects: int, device: torch.device, dt
     return list(rows.values())
 
 
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -160,7 +152,7 @@ def main() -> None:
               f"{r['ratio_vs_2d']:6.2f} {r['images_per_s']:7.1f} {r['saved_activations_MB']:9.1f}"
               + (f"  peak {r['peak_allocated_MB']} MB" if "peak_allocated_MB" in r else ""))
     record = {"benchmark": "unet_attention_modes", "frames": FRAMES, "objects": args.objects,
-              "device": args.device, "dtype": args.dtype, "machine": machine(), "rows": rows}
+              "device": args.device, "dtype": args.dtype, "machine": describe(), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

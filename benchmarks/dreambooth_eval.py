@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +32,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import yaml
+
+from machine_info import describe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -166,7 +167,7 @@ def main() -> None:
     for row in rows.values():
         row["procedural_change"] = {k: round(row["procedural"][k] - base[k], 4)
                                     for k in ("colour_accuracy", "iou")}
-    record = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+    record = {"machine": describe(),
               "settings": vars(args), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
