@@ -62,7 +62,9 @@ def app_args(storage: Path) -> dict:
                    "max_sampling_steps": 20, "max_sds_steps": 200},
         "generator": {"num_cpus": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.25,
                       "max_ongoing_requests": 64},
-        "worker": {"num_cpus": 1, "heartbeat_s": 0.5, "lease_timeout_s": 30.0, "max_attempts": 3},
+        # two worker replicas: jobs are spread over them
+        "worker": {"num_replicas": 2, "num_cpus": 1, "heartbeat_s": 0.5, "lease_timeout_s": 30.0,
+                   "max_attempts": 3},
     }
 
 
@@ -209,16 +211,18 @@ def test_bad_input_gets_4xx_naming_the_field(server):
 
 def test_text_to_3d_job_end_to_end(server, tmp_path):
     client = server["client"]
-    [job] = client.submit(["a red cube"], steps=20, seed=3)
-    seen = set()
+    store = JobStore(str(server["storage"]))
+    job, other = client.submit(["a red cube", "a blue cone"], steps=20, seed=3)
 
-    def finished():
-        view = client.status(job)
-        seen.add(view["status"])
+    def finished(j):
+        view = client.status(j)
         return view if view["status"] in ("succeeded", "failed", "cancelled") else None
 
-    view = wait_for(finished, 300, "the text-to-3D job")
+    view = wait_for(lambda: finished(job), 300, "the text-to-3D job")
     assert view["status"] == "succeeded", view
+    assert wait_for(lambda: finished(other), 300, "the second job")["status"] == "succeeded"
+    # the batch was spread over both worker replicas
+    assert store.result(job)["owner"] != store.result(other)["owner"]
     assert {"mesh.glb", "mesh.obj", "turntable.gif", "turntable.mp4", "multiview.png", "metrics.json"} <= set(view["assets"])
     assert view["progress"]["step"] == 20 and view["attempts"] == 1 and view["metrics"]["steps"] == 20
     assert "quality" in view["metrics"]  # "a red cube" has a ground truth
