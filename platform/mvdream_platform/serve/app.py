@@ -319,7 +319,7 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
             stats["window"].errors += 1
         return response
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.deployment
     @serve.ingress(api)
     class Ingress:
         def __init__(self, args: dict[str, Any], generator, queue):
@@ -471,7 +471,7 @@ def build_app(args: dict[str, Any]):
     generator = MultiViewGenerator.options(**settings.generator.options()).bind(values)
     queue = JobQueue.bind(values, worker)
     ingress, _ = make_ingress(settings, _token_digest(settings.auth_token_env))
-    return ingress.bind(values, generator, queue)
+    return ingress.options(**settings.ingress.options()).bind(values, generator, queue)
 
 
 def openapi_document(args: dict[str, Any]) -> dict[str, Any]:

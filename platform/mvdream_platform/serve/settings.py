@@ -132,6 +132,10 @@ class ServeSettings:
     default_sds_steps: int = 400
     default_sampling_steps: int | None = None  # None: the model's recommendation
     limits: Limits = field(default_factory=Limits)
+    # HTTP ingress: many requests wait on the generator at once, so it must admit far more than
+    # Serve's default of 5, or batches can never fill.
+    ingress: DeploymentSettings = field(default_factory=lambda: DeploymentSettings(
+        num_cpus=0.0, max_ongoing_requests=256))
     generator: GeneratorSettings = field(default_factory=GeneratorSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
@@ -144,6 +148,7 @@ class ServeSettings:
             raise ValueError(f"serve.default_sds_steps must be in 1..limits.max_sds_steps "
                              f"({self.limits.max_sds_steps}), got {self.default_sds_steps}")
         self.limits.validate()
+        self.ingress.validate("serve.ingress")
         self.generator.validate("serve.generator")
         self.worker.validate("serve.worker")
 
