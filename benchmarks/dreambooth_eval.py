@@ -121,7 +121,7 @@ def score_procedural(pipe, objects: int, guidance: float, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subject", default=str(REPO.parent / "shared" / "data" / "meshes" / "Duck.glb"))
+    parser.add_argument("--subject", default=str(REPO / "tests" / "data" / "meshes" / "Duck.glb"))
     parser.add_argument("--prompt", default="a sks toy")
     parser.add_argument("--base", default=str(REPO / "checkpoints" / "tiny"))
     parser.add_argument("--runs", nargs="+", default=[], help="name=pipeline_folder ...")

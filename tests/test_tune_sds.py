@@ -150,7 +150,8 @@ def test_failing_trial_is_recorded_and_an_interrupted_sweep_resumes(ray_cluster,
     def interrupt_once_a_trial_has_finished():
         # One trial at a time: when a second run has started, the first one has finished
         # (the failing trial stops before it starts a run).
-        deadline = time.time() + 120
+        # A generous bound: on a loaded 2-core machine the first trial can take minutes.
+        deadline = time.time() + 600
         while time.time() < deadline and len(list((sweep / "trials").glob("*/attempts.jsonl"))) < 2:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGUSR1)  # Tune's handler: stop, save the experiment state
