@@ -50,10 +50,10 @@ def score_multiview(pipe, mesh, prompt: str, seeds: int, guidance: float, steps:
     """Identifier-prompt samples vs the subject's renders at the same 4 cameras."""
     from mvdream_platform.evaluation import (
         EvalSettings,
-        _iou,
         aligned_iou,
         classify_colour,
         foreground_mask,
+        raw_iou,
         shaded_palette,
     )
 
@@ -73,7 +73,7 @@ def score_multiview(pipe, mesh, prompt: str, seeds: int, guidance: float, steps:
         for view, gt_mask in zip(views, truth_masks):
             mask = foreground_mask(view, settings.foreground_threshold)
             ious.append(aligned_iou(mask, gt_mask))
-            raws.append(_iou(mask, gt_mask))
+            raws.append(raw_iou(mask, gt_mask))
             colours.append(classify_colour(view[mask], palette) == expected)
     grid = np.concatenate(grids + [np.concatenate(list(truth), 1)], 0)
     return {"iou": float(np.mean(ious)), "iou_raw": float(np.mean(raws)),

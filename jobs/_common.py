@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage
@@ -48,13 +47,6 @@ def model_config_from(node: DictConfig) -> ModelConfig:
     if unknown:
         raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
     return ModelConfig(**values)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def save_resolved_config(cfg: DictConfig, out: str) -> None:

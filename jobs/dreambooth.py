@@ -9,7 +9,8 @@
 The subject's meshes are rendered into a multi-view set with cameras (or its images become
 2D text-image shards), all captioned with the identifier prompt; then the ordinary Ray Train
 loop fine-tunes with the diffusion loss plus the parameter-preservation loss
-``lambda * distance(theta, theta_0) / N_theta``. Rerunning with the same run.name resumes.
+``lambda * distance(theta, theta_0) / N_theta``; optional prior data (``prior.uri``, e.g. the
+model's own text-image training data) takes ``prior.fraction`` of the steps. Rerunning with the same run.name resumes.
 Writes <run>/pipeline and <run>/dreambooth.json (prompt, subject, settings).
 """
 
@@ -23,7 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from mvdream_platform import storage
 from mvdream_platform.sds.config import build_dataclass
 from mvdream_platform.training.config import TrainJobConfig
-from mvdream_platform.training.dreambooth import SubjectConfig, prepare_subject
+from mvdream_platform.training.dreambooth import (
+    PriorConfig,
+    SubjectConfig,
+    mixture_settings,
+    prepare_subject,
+)
 from mvdream_platform.training.trainer import run_training
 
 from _common import expand_model_argv, save_resolved_config
@@ -34,10 +40,9 @@ log = logging.getLogger("dreambooth")
 def training_config(cfg: DictConfig, subject_data: dict) -> TrainJobConfig:
     """The training run of this DreamBooth job: the subject's data, preservation on."""
     values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    multiview = subject_data["kind"] == "meshes"
-    data = dict(values["data"], name="dreambooth", p_multiview=1.0 if multiview else 0.0,
-                uri=subject_data["uri"] if multiview else None,
-                image_uri=None if multiview else subject_data["uri"])
+    prior = build_dataclass(PriorConfig, values["prior"], "prior")
+    data = dict(values["data"], name="dreambooth",
+                **mixture_settings(subject_data["kind"], subject_data["uri"], prior))
     trainer = dict(values["trainer"], preservation_weight=values["preservation"]["weight"],
                    preservation_distance=values["preservation"]["distance"])
     samples = dict(values["samples"], captions=[subject_data["prompt"]])
@@ -51,6 +56,7 @@ def training_config(cfg: DictConfig, subject_data: dict) -> TrainJobConfig:
 def run(cfg: DictConfig) -> dict:
     subject = build_dataclass(SubjectConfig, OmegaConf.to_container(cfg.subject, resolve=True), "subject")
     subject.validate()
+    build_dataclass(PriorConfig, OmegaConf.to_container(cfg.prior, resolve=True), "prior").validate()
     run_folder = storage.join(cfg.run.storage_path, cfg.run.name)
     save_resolved_config(cfg, run_folder)
     subject_data = prepare_subject(subject, storage.join(run_folder, "subject"), cfg.data.resolution)
@@ -59,6 +65,7 @@ def run(cfg: DictConfig) -> dict:
     record = {"prompt": subject_data["prompt"], "identifier": subject.identifier,
               "class_noun": subject.class_noun, "subject": subject.uri, "subject_kind": subject_data["kind"],
               "subject_records": subject_data["records"], "preservation": dict(cfg.preservation),
+              "prior": OmegaConf.to_container(cfg.prior, resolve=True),
               "steps": job.trainer.max_steps, "base_model": OmegaConf.to_container(cfg.model, resolve=True),
               "pipeline": summary["pipeline"], "final_metrics": summary["metrics"]}
     storage.write_json(storage.join(run_folder, "dreambooth.json"), record)

@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 
 from mvdream_platform import storage
 from mvdream_platform.evaluation import EvalSettings, evaluate, open_colour_consistency
-from mvdream_platform.pipelines.loading import build_pipeline
+from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 
-from _common import expand_model_argv, model_config_from, pick_device, save_resolved_config
+from _common import expand_model_argv, model_config_from, save_resolved_config
 
 log = logging.getLogger("evaluate")
 

@@ -12,9 +12,9 @@ import hydra
 from omegaconf import DictConfig
 
 from mvdream_platform.generation import GenerationRequest, generate, write_generation
-from mvdream_platform.pipelines.loading import build_pipeline
+from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 
-from _common import expand_model_argv, model_config_from, pick_device, save_resolved_config
+from _common import expand_model_argv, model_config_from, save_resolved_config
 
 log = logging.getLogger("generate")
 

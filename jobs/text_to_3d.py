@@ -22,12 +22,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage, sweeps
-from mvdream_platform.pipelines.loading import build_pipeline
+from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 from mvdream_platform.sds.config import SDSConfig, sds_config_for
 from mvdream_platform.sds.pipeline import run_text_to_3d
 from mvdream_platform.tracking import start_tracking
 
-from _common import expand_model_argv, model_config_from, pick_device, save_resolved_config
+from _common import expand_model_argv, model_config_from, save_resolved_config
 
 log = logging.getLogger("text_to_3d")
 

@@ -10,7 +10,14 @@ import torch
 
 from mvdream_platform.data.datasets import MultiViewDataset
 from mvdream_platform.pipelines import MVDreamPipeline
-from mvdream_platform.training.dreambooth import SubjectConfig, detect_kind, prepare_subject
+from mvdream_platform.training.dreambooth import (
+    PriorConfig,
+    SubjectConfig,
+    detect_kind,
+    detect_prior_kind,
+    mixture_settings,
+    prepare_subject,
+)
 from mvdream_platform.training.losses import ParameterPreservation
 
 from conftest import MESHES
@@ -34,6 +41,28 @@ def test_preservation_loss_is_the_papers_formula():
     assert torch.all(module[0].bias.grad == 0)  # unmoved parameters: |0| has zero subgradient
     with pytest.raises(ValueError, match="'l1' or 'l2'"):
         ParameterPreservation(module, distance="cosine")
+
+
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_preservation_gradient_added_in_place_equals_autograd(distance):
+    """The loop adds the term's gradient after the DDP all-reduce; it must equal backward()."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Linear(6, 3))
+    keep = ParameterPreservation(module, weight=7.0, distance=distance)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        module[1].bias[0] = keep.reference[3][0]  # one unmoved scalar: subgradient 0
+    keep().backward()
+    expected = [p.grad.clone() for p in module.parameters()]
+    value = keep().item()
+    existing = [torch.randn_like(p) for p in module.parameters()]
+    for p, g in zip(module.parameters(), existing):
+        p.grad = g.clone()
+    assert keep.add_gradient() == pytest.approx(value, rel=1e-5)
+    for p, g, e in zip(module.parameters(), existing, expected):
+        assert torch.allclose(p.grad, g + e, atol=1e-7)  # added to what backward left there
+    assert module[1].bias.grad[0] == existing[3][0] or distance == "l2"
 
 
 def test_preservation_holds_weights_near_the_start():
@@ -92,26 +121,70 @@ def test_subject_errors_name_the_problem(tmp_path):
         SubjectConfig(uri="x", prompt_template="a toy").validate()
 
 
+def write_prior_shards(folder: Path) -> str:
+    """A tiny text-image prior: 6 coloured squares with their own captions."""
+    import PIL.Image
+
+    from mvdream_platform.data.prepare import folder_pairs, prepare_text_images
+
+    images = folder / "prior_images"
+    images.mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    captions = {}
+    for i, (name, rgb) in enumerate(list(colours.items()) * 2):
+        PIL.Image.new("RGB", (32, 32), rgb).save(images / f"c{i}.png")
+        captions[f"c{i}.png"] = f"a {name} cube"
+    out = str(folder / "prior")
+    prepare_text_images(folder_pairs(str(images), captions), out, source="test-prior", progress=False)
+    return out
+
+
+def test_prior_data_joins_the_mixture_as_the_other_kind(tmp_path):
+    prior = write_prior_shards(tmp_path)
+    assert detect_prior_kind(prior) == "images"
+    fields = mixture_settings("meshes", "subject/", PriorConfig(uri=prior, fraction=0.3))
+    assert fields == {"uri": "subject/", "image_uri": prior, "p_multiview": pytest.approx(0.7)}
+    assert mixture_settings("meshes", "subject/", PriorConfig()) == {"uri": "subject/", "image_uri": None,
+                                                                      "p_multiview": 1.0}
+    subject = prepare_subject(SubjectConfig(uri=str(DUCK), renders=1, views=4), str(tmp_path / "s"), 16)
+    assert detect_prior_kind(subject["uri"]) == "multiview"
+    assert mixture_settings("images", "photos/", PriorConfig(uri=subject["uri"], fraction=0.4)) == {
+        "uri": subject["uri"], "image_uri": "photos/", "p_multiview": 0.4}
+    with pytest.raises(ValueError, match="holds images data like the subject"):
+        mixture_settings("images", "photos/", PriorConfig(uri=prior))
+    with pytest.raises(ValueError, match="neither multi-view renders"):
+        detect_prior_kind(str(tmp_path / "prior_images"))
+    with pytest.raises(ValueError, match=r"prior.fraction must lie in \(0, 1\)"):
+        mixture_settings("meshes", "subject/", PriorConfig(uri=prior, fraction=1.0))
+
+
 @pytest.mark.slow
 def test_dreambooth_job_on_two_ray_workers(tmp_path):
+    """Mesh subject + 2D prior + preservation under DDP: 2D steps leave the camera MLP unused,
+    which once made the preservation term's autograd hook fire twice."""
     import ray
 
+    prior = write_prior_shards(tmp_path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         job = import_job("dreambooth")
         record = job.run(compose("dreambooth", [
             f"subject.uri={DUCK}", "subject.renders=2", "subject.views=4", "model=tiny",
-            "cluster=local_cpu", "logger=disabled", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+            "cluster=local_cpu", "logger=disabled", "trainer.max_steps=6", "trainer.checkpoint_every=3",
             "trainer.log_every=1", "trainer.lr=1e-3", "samples.every=0", "preservation.weight=1000",
-            "data.multiview_batch=2", f"run.storage_path={tmp_path}", "run.name=db"]))
+            f"prior.uri={prior}", "prior.fraction=0.5", "data.multiview_batch=2", "data.image_batch=2",
+            f"run.storage_path={tmp_path}", "run.name=db"]))
     finally:
         ray.shutdown()
     run = Path(tmp_path) / "db"
     assert record["prompt"] == "a sks toy" and record["subject_records"] == 2
-    assert json.loads((run / "dreambooth.json").read_text())["preservation"] == {"weight": 1000, "distance": "l1"}
+    saved = json.loads((run / "dreambooth.json").read_text())
+    assert saved["preservation"] == {"weight": 1000, "distance": "l1"}
+    assert saved["prior"] == {"uri": prior, "fraction": 0.5}
     lines = [json.loads(x) for x in (run / "tracking" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    assert all(m["multiview_fraction"] == 1.0 for m in lines)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    # subject (multi-view) steps and prior (2D) steps both ran
+    assert {m["multiview_fraction"] for m in lines} == {0.0, 1.0}
     # the preservation term is logged: 0 before the first update (warm-up starts at lr 0), then
     # positive once the weights have left theta_0
     kept = [m["preservation_loss"] for m in lines]

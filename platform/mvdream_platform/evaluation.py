@@ -122,7 +122,7 @@ def aligned_iou(a: np.ndarray, b: np.ndarray, size: int = 64) -> float:
     """IoU of two (H, W) masks after cropping each to its bounding box and resizing to size^2."""
     if not a.any() or not b.any():
         return float(a.any() == b.any() and not a.any())
-    return _iou(_crop_resize(a, size), _crop_resize(b, size))
+    return raw_iou(_crop_resize(a, size), _crop_resize(b, size))
 
 
 def _crop_resize(mask: np.ndarray, size: int) -> np.ndarray:
@@ -138,7 +138,8 @@ def _crop_resize(mask: np.ndarray, size: int) -> np.ndarray:
     return resized[0, 0].numpy() > 0.5
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
+def raw_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (H, W) boolean masks as they lie (1.0 when both are empty)."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
@@ -185,7 +186,7 @@ def evaluate(pipe, settings: EvalSettings, progress: bool = True) -> tuple[EvalR
                 gt_mask = foreground_mask(gt, settings.foreground_threshold)
                 colour = classify_colour(view[mask], palette)
                 gt_colour = classify_colour(gt[gt_mask], palette)
-                iou, raw = aligned_iou(mask, gt_mask), _iou(mask, gt_mask)
+                iou, raw = aligned_iou(mask, gt_mask), raw_iou(mask, gt_mask)
                 correct += colour == expected
                 gt_correct += gt_colour == expected
                 ious.append(iou)

@@ -86,6 +86,13 @@ class ModelConfig:
             raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; any other name is taken as given (``cuda:1``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_pipeline(config: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> MVDreamPipeline:
     """Load or create the pipeline described by ``config`` on ``device``.
 

@@ -24,7 +24,7 @@ import torch
 
 from ..cameras import orbit_camera_to_world
 from ..data import shapes
-from ..evaluation import _iou, aligned_iou, classify_colour, shaded_palette
+from ..evaluation import aligned_iou, classify_colour, raw_iou, shaded_palette
 
 _PROMPT = re.compile(r"^an? (?:(?P<adjective>\w+) )?(?P<colour>\w+) (?P<shape>\w+)$")
 
@@ -91,7 +91,7 @@ def score_views(albedo: np.ndarray, opacity: np.ndarray, truth_mask: np.ndarray,
     for rgb, alpha, truth in zip(albedo, opacity, truth_mask):
         mask = alpha > 0.5
         colour = classify_colour(rgb[mask], palette)
-        views.append({"iou": round(aligned_iou(mask, truth), 4), "iou_raw": round(_iou(mask, truth), 4),
+        views.append({"iou": round(aligned_iou(mask, truth), 4), "iou_raw": round(raw_iou(mask, truth), 4),
                       "colour": colour, "colour_correct": colour == expected_colour})
     return {
         "views": views,

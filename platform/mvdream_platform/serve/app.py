@@ -60,18 +60,12 @@ ASSET_TYPES = {".glb": "model/gltf-binary", ".obj": "model/obj", ".ply": "applic
                ".gif": "image/gif", ".mp4": "video/mp4", ".png": "image/png", ".json": "application/json"}
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_pipeline(settings: ServeSettings, num_cpus: float):
     """The model, with torch using the replica's CPU share (not every core of the node)."""
-    from ..pipelines.loading import ModelConfig, build_pipeline
+    from ..pipelines.loading import ModelConfig, build_pipeline, pick_device
 
     torch.set_num_threads(max(1, int(num_cpus)))
-    device = _device(settings.device)
+    device = pick_device(settings.device)
     pipe = build_pipeline(ModelConfig(**settings.model), device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, device

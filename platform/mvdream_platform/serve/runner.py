@@ -106,9 +106,8 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
     while True:  # another live worker holds the job (a restarted queue re-sent it): wait for it
         if store.result(job_id) is not None:
             return {"status": "succeeded"}
-        if not lease_is_live(store.lease(job_id), worker.lease_timeout_s, owner_alive):
-            break
-        if store.lease(job_id).get("owner") == owner:
+        lease = store.lease(job_id)  # one read per poll: the holder rewrites it meanwhile
+        if not lease_is_live(lease, worker.lease_timeout_s, owner_alive) or lease.get("owner") == owner:
             break
         time.sleep(min(1.0, worker.heartbeat_s))
     if store.cancel_requested(job_id):

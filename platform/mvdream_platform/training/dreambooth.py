@@ -10,6 +10,12 @@ in place of the procedural set. This module turns what a user has into that data
 * plain images (``kind="images"``): text-image shards, trained as 2D steps (no camera);
 
 every record captioned with the identifier prompt (``"a sks toy"``).
+
+Beside the parameter-preservation loss, DreamBooth's other remedy against forgetting is
+available too: **prior data** (:class:`PriorConfig`), data of the class or of the model's
+original training set with its own captions, trained on a share of the steps. The loop's
+3D/2D mixture carries it, so the prior must be of the other kind than the subject (text-image
+shards beside a mesh subject, multi-view renders beside an image subject).
 """
 
 from __future__ import annotations
@@ -64,6 +70,55 @@ class SubjectConfig:
             raise ValueError(f"subject.prompt_template must contain {{identifier}}, got {self.prompt_template!r}")
         if not self.identifier.strip() or self.renders < 1 or self.views < 1:
             raise ValueError("subject.identifier must be non-empty, renders and views >= 1")
+
+
+PRIOR_KINDS = ("multiview", "images")
+
+
+@dataclass
+class PriorConfig:
+    """Prior data trained beside the subject (DreamBooth's prior preservation)."""
+
+    uri: str | None = None  # multi-view renders or text-image shards, with their own captions
+    fraction: float = 0.5  # share of training steps on the prior
+
+    def validate(self) -> None:
+        if self.uri and not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"prior.fraction must lie in (0, 1) when prior.uri is set, got {self.fraction}")
+
+
+def detect_prior_kind(uri: str) -> str:
+    """``multiview`` (a ``jobs/prepare_data.py source=shapes|meshes`` folder) or ``images``
+    (text-image shards); an error says what a prior folder must hold."""
+    if storage.exists(storage.join(uri, layout.MANIFEST)) or storage.exists(storage.join(uri, layout.OBJECTS_DIR)):
+        return "multiview"
+    if storage.exists(storage.join(uri, layout.IMAGES_MANIFEST)) or any(
+            name.endswith((".parquet", ".tar")) for name in storage.listdir(uri)):
+        return "images"
+    raise ValueError(f"prior.uri={uri!r} is neither multi-view renders ({layout.MANIFEST} or "
+                     f"{layout.OBJECTS_DIR}/) nor text-image shards ({layout.IMAGES_MANIFEST}, *.parquet, *.tar)")
+
+
+def mixture_settings(subject_kind: str, subject_uri: str, prior: PriorConfig) -> dict[str, Any]:
+    """The training data fields (``uri``, ``image_uri``, ``p_multiview``) for the subject and
+    its optional prior: the subject's kind takes ``1 - prior.fraction`` of the steps."""
+    prior.validate()
+    multiview_subject = subject_kind == "meshes"
+    fields = {"uri": subject_uri if multiview_subject else None,
+              "image_uri": None if multiview_subject else subject_uri,
+              "p_multiview": 1.0 if multiview_subject else 0.0}
+    if not prior.uri:
+        return fields
+    prior_kind = detect_prior_kind(prior.uri)
+    if (prior_kind == "multiview") == multiview_subject:
+        raise ValueError(f"prior.uri={prior.uri!r} holds {prior_kind} data like the subject ({subject_kind}); "
+                         "the 3D/2D mixture needs the other kind: text-image shards beside meshes, "
+                         "multi-view renders beside images")
+    if multiview_subject:
+        fields.update(image_uri=prior.uri, p_multiview=1.0 - prior.fraction)
+    else:
+        fields.update(uri=prior.uri, p_multiview=prior.fraction)
+    return fields
 
 
 def subject_files(uri: str) -> list[str]:

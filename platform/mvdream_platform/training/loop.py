@@ -130,12 +130,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with sync:
                 loss, info = _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator,
                                          device, autocast)
-                keep = preservation() if preservation is not None else None
                 t2 = clock()
-                total = loss if keep is None else loss + keep
-                (total / cfg.trainer.grad_accumulation).backward()
-            window.add(loss.item(), batch, data_s=t1 - t0, forward_s=t2 - t1, backward_s=clock() - t2,
-                       preservation=keep.item() if keep is not None else None)
+                (loss / cfg.trainer.grad_accumulation).backward()
+            window.add(loss.item(), batch, data_s=t1 - t0, forward_s=t2 - t1, backward_s=clock() - t2)
+        # DreamBooth's preservation term: its gradient goes straight into .grad after the
+        # all-reduce (see ParameterPreservation.add_gradient for why not through autograd).
+        if preservation is not None:
+            window.add_preservation(preservation.add_gradient())
         t3 = clock()
         grad_norm = clip_grad_norm(model, cfg.trainer.grad_clip)
         optimizer.step()
@@ -237,12 +238,9 @@ class _Window:
         self.skipped = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: float, batch: dict, data_s: float, forward_s: float, backward_s: float,
-            preservation: float | None = None) -> None:
-        """One micro-batch (``loss`` is the diffusion loss; ``preservation`` DreamBooth's term)."""
+    def add(self, loss: float, batch: dict, data_s: float, forward_s: float, backward_s: float) -> None:
+        """One micro-batch (``loss`` is the diffusion loss)."""
         self.losses.append(loss)
-        if preservation is not None:
-            self.preservation.append(preservation)
         self.images += batch["images"].shape[0]
         # A sample is one object (its 4 views) on multi-view steps, one image on 2D steps.
         self.samples += batch["images"].shape[0] // batch["num_frames"]
@@ -251,6 +249,10 @@ class _Window:
         self.seconds["backward"] += backward_s
         self.kinds[batch["kind"]] += 1
         self.skipped += int(batch.get("skipped", {}).get("count", 0))
+
+    def add_preservation(self, value: float) -> None:
+        """DreamBooth's preservation term of one optimizer step."""
+        self.preservation.append(value)
 
     def add_step(self, optimizer_s: float, allreduce_s: float) -> None:
         """One optimizer step (after its micro-batches)."""

@@ -364,3 +364,31 @@ class ParameterPreservation:
         total = sum(((p - r).abs().sum() if self.distance == "l1" else (p - r).pow(2).sum())
                     for p, r in zip(self.params, self.reference))
         return self.weight * total / self.count
+
+    @torch.no_grad()
+    def add_gradient(self) -> float:
+        """Add this loss's gradient to every parameter's ``.grad`` in place; returns the loss.
+
+        The training loop uses this instead of back-propagating ``self()``: under DDP with
+        ``find_unused_parameters`` a parameter that the step's forward did not use (the camera
+        MLP on a 2D step) is already marked ready, and a second autograd hook from this term
+        would fire "marked as ready twice". The gradient is analytic and identical on every rank
+        (same weights), so it is added after the all-reduce, once per optimiser step:
+        ``weight / N * sign(theta - theta_0)`` (l1; 0 where unmoved, like autograd's ``abs``) or
+        ``weight / N * 2 (theta - theta_0)`` (l2).
+        """
+        scale = self.weight / self.count
+        total = 0.0
+        for param, reference in zip(self.params, self.reference):
+            delta = param - reference
+            if self.distance == "l1":
+                total += delta.abs().sum().item()
+                grad = delta.sign_().mul_(scale)
+            else:
+                total += delta.pow(2).sum().item()
+                grad = delta.mul_(2.0 * scale)
+            if param.grad is None:
+                param.grad = grad
+            else:
+                param.grad.add_(grad)
+        return scale * total

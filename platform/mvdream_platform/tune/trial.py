@@ -99,12 +99,6 @@ def cached_pipeline(model: dict[str, Any], device: torch.device):
     return _PIPELINES[key]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _restore_tune_checkpoint(folder: str) -> int | None:
     """If Tune restored this trial with a checkpoint newer than ``folder``'s, copy it in."""
     from ray import tune
@@ -141,6 +135,7 @@ def execute_trial(spec: TrialSpec, sampled: dict[str, Any], trial_id: str,
     """One trial's work without Ray: the run, its scores and ``report(metrics, checkpoint)``
     calls (Tune's in :func:`run_trial`; a no-op for a direct comparison). Returns the final
     report."""
+    from ..pipelines.loading import pick_device
     from ..sds.pipeline import run_text_to_3d
     from ..tracking import start_tracking
 
