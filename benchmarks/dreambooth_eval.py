@@ -13,9 +13,12 @@ weights), with identical settings:
 * **procedural captions**: :func:`mvdream_platform.evaluation.evaluate` on held-out
   single-primitive captions (colour accuracy, IoU), and the change against the base model.
 
-    .venv/bin/python benchmarks/dreambooth_eval.py --subject ../shared/data/meshes/Duck.glb \
-        --prompt "a sks toy" --runs none=outputs/dreambooth/db-w0/pipeline \
-        paper=outputs/dreambooth/db-w1/pipeline strong=outputs/dreambooth/db-w3000/pipeline
+    .venv/bin/python benchmarks/dreambooth_eval.py --subject tests/data/meshes/Duck.glb \
+        --prompt "a sks toy" --runs subject-only=outputs/dreambooth/db-w0/pipeline \
+        with-prior=outputs/dreambooth/p-w0/pipeline
+
+Several processes can score models in parallel (``--threads 1 --out part_k.json``); a last call
+with ``--reuse part_*.json`` merges them (rows measured with other settings are refused).
 
 Writes results/dreambooth.json and prints a markdown table.
 """
@@ -119,6 +122,31 @@ def score_procedural(pipe, objects: int, guidance: float, steps: int) -> dict:
             "iou": report.mean_iou, "iou_raw": report.mean_iou_raw}
 
 
+def weight_distance(pipe, base) -> float:
+    """Mean |theta - theta_0| over the UNet's scalars (the L1 preservation distance, lambda = 1)."""
+    total, count = 0.0, 0
+    for p, p0 in zip(pipe.unet.parameters(), base.unet.parameters()):
+        total += (p.detach() - p0.detach()).abs().sum().item()
+        count += p.numel()
+    return total / count
+
+
+MEASUREMENT = ("prompt", "seeds", "objects", "steps", "guidance", "sds_steps")
+
+
+def reused_rows(args) -> dict:
+    """Rows of earlier results files; an error if one was measured differently."""
+    rows = {}
+    for path in args.reuse:
+        earlier = json.loads(Path(path).read_text())
+        differing = [k for k in MEASUREMENT if earlier["settings"][k] != getattr(args, k)]
+        if differing or Path(earlier["settings"]["subject"]).name != Path(args.subject).name:
+            raise SystemExit(f"{path} was measured with other settings ({differing or 'subject'}); "
+                             "rerun it or match them")
+        rows.update(earlier["rows"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subject", default=str(REPO / "tests" / "data" / "meshes" / "Duck.glb"))
@@ -132,18 +160,27 @@ def main() -> None:
     parser.add_argument("--sds-steps", type=int, default=400)
     parser.add_argument("--work", default="outputs/dreambooth_eval")
     parser.add_argument("--out", default=str(RESULTS / "dreambooth.json"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--reuse", nargs="+", default=[],
+                        help="earlier results files measured with the same settings: their rows are kept "
+                             "and not measured again (so models can be scored by parallel processes)")
     args = parser.parse_args()
 
     from mvdream_platform import storage
     from mvdream_platform.data import render
     from mvdream_platform.pipelines import MVDreamPipeline
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     mesh, _ = render.load_normalized_mesh(args.subject)
     models = {"base": args.base} | dict(item.split("=", 1) for item in args.runs)
     work = Path(args.work)
-    rows = {}
+    rows = reused_rows(args)
+    base_pipe = MVDreamPipeline.from_pretrained(args.base)
     for name, path in models.items():
+        if name in rows:
+            if "weight_distance" not in rows[name]:  # results from before this column existed
+                rows[name]["weight_distance"] = weight_distance(MVDreamPipeline.from_pretrained(path), base_pipe)
+            continue
         began = time.perf_counter()
         pipe = MVDreamPipeline.from_pretrained(path)
         pipe.set_progress_bar_config(disable=True)
@@ -156,10 +193,11 @@ def main() -> None:
         record_file = Path(path).parent / "dreambooth.json"
         if record_file.is_file():
             db = json.loads(record_file.read_text())
-            training = {"preservation": db["preservation"], "steps": db["steps"],
+            training = {"preservation": db["preservation"], "prior": db.get("prior"), "steps": db["steps"],
                         "final_loss": db["final_metrics"].get("loss"),
                         "preservation_loss": db["final_metrics"].get("preservation_loss")}
-        rows[name] = {"model": str(path), "training": training, "subject_multiview": subject_mv,
+        rows[name] = {"model": str(path), "training": training, "weight_distance": weight_distance(pipe, base_pipe),
+                      "subject_multiview": subject_mv,
                       "subject_text_to_3d": subject_3d, "procedural": procedural,
                       "seconds": round(time.perf_counter() - began, 1)}
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
@@ -172,12 +210,15 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
-    print("| model | preservation | subject samples IoU / colour | subject text-to-3D IoU / colour "
-          "| procedural colour / IoU (change) |\n| --- | --- | --- | --- | --- |")
+    print("| model | lambda | prior | mean abs(theta - theta_0) | subject samples IoU / colour "
+          "| subject text-to-3D IoU / colour | procedural colour / IoU (change) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
-        p = row["training"].get("preservation")
+        p, prior = row["training"].get("preservation"), (row["training"].get("prior") or {})
         mv, t3, pr, d = row["subject_multiview"], row["subject_text_to_3d"], row["procedural"], row["procedural_change"]
-        print(f"| {name} | {'-' if p is None else p['weight']} | {mv['iou']:.3f} / {100 * mv['colour_accuracy']:.0f}% "
+        share = f"{prior['fraction']:.0%}" if prior.get("uri") else "-"
+        print(f"| {name} | {'-' if p is None else p['weight']} | {share} | {row['weight_distance']:.2e} "
+              f"| {mv['iou']:.3f} / {100 * mv['colour_accuracy']:.0f}% "
               f"| {t3['iou']:.3f} / {100 * t3['colour_accuracy']:.0f}% "
               f"| {100 * pr['colour_accuracy']:.1f}% / {pr['iou']:.3f} "
               f"({100 * d['colour_accuracy']:+.1f} pt / {d['iou']:+.3f}) |")
