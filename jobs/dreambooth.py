@@ -10,7 +10,8 @@ The subject's meshes are rendered into a multi-view set with cameras (or its ima
 2D text-image shards), all captioned with the identifier prompt; then the ordinary Ray Train
 loop fine-tunes with the diffusion loss plus the parameter-preservation loss
 ``lambda * distance(theta, theta_0) / N_theta``; optional prior data (``prior.uri``, e.g. the
-model's own text-image training data) takes ``prior.fraction`` of the steps. Rerunning with the same run.name resumes.
+model's own text-image training data) takes ``prior.fraction`` of the steps. Rerunning with
+the same run.name resumes.
 Writes <run>/pipeline and <run>/dreambooth.json (prompt, subject, settings).
 """
 
@@ -38,7 +39,7 @@ log = logging.getLogger("dreambooth")
 
 
 def training_config(cfg: DictConfig, subject_data: dict) -> TrainJobConfig:
-    """The training run of this DreamBooth job: the subject's data, preservation on."""
+    """The training run of this DreamBooth job: the subject's data (and prior data), preservation on."""
     values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     prior = build_dataclass(PriorConfig, values["prior"], "prior")
     data = dict(values["data"], name="dreambooth",

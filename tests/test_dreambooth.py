@@ -99,6 +99,35 @@ def test_subject_meshes_become_captioned_multiview_records(tmp_path):
     assert again["uri"] == out["uri"]  # reused, not re-rendered
 
 
+def test_posed_multiview_subject_is_copied_and_recaptioned(tmp_path):
+    """A subject already in the multi-view layout (e.g. posed photos): views byte for byte,
+    cameras kept, captions replaced by the identifier prompt; a broken object is named."""
+    from mvdream_platform.data.prepare import RenderSettings, plan_shapes, prepare_multiview
+
+    source = str(tmp_path / "posed")
+    prepare_multiview(plan_shapes(2, seed=3), source, RenderSettings(views=4, resolution=16), backend="serial",
+                      progress=False)
+    subject = SubjectConfig(uri=source, identifier="zwx", class_noun="vase")
+    assert detect_kind(subject)[0] == "multiview"
+    out = prepare_subject(subject, str(tmp_path / "subject"), resolution=16)
+    assert out["kind"] == "multiview" and out["records"] == 2 and out["prompt"] == "a zwx vase"
+    copied, original = MultiViewDataset(out["uri"], num_views=4), MultiViewDataset(source, num_views=4)
+    for i in range(2):
+        a, b = copied.load(i, epoch=0), original.load(i, epoch=0)
+        assert a["caption"] == "a zwx vase" and b["caption"] != a["caption"]
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["cameras"], b["cameras"])
+    assert mixture_settings("multiview", out["uri"], PriorConfig()) == {"uri": out["uri"], "image_uri": None,
+                                                                        "p_multiview": 1.0}
+    broken = tmp_path / "broken"
+    prepare_multiview(plan_shapes(1, seed=4), str(broken), RenderSettings(views=4, resolution=16),
+                      backend="serial", progress=False)
+    next(broken.glob("objects/*/view_002.png")).unlink()
+    with pytest.raises(ValueError, match=r"shape-000000.* is unreadable: .*view_002.png"):
+        prepare_subject(SubjectConfig(uri=str(broken)), str(tmp_path / "subject2"), resolution=16)
+    with pytest.raises(ValueError, match="no finished multi-view objects"):
+        detect_kind(SubjectConfig(uri=str(tmp_path / "photos_missing"), kind="multiview"))
+
+
 def test_subject_images_become_text_image_shards(tmp_path):
     import PIL.Image
 

@@ -8,6 +8,9 @@ in place of the procedural set. This module turns what a user has into that data
   ``renders`` times with different elevation, field of view, distance and light, so that every
   Ray Train rank has records and the model sees the subject under varied conditions;
 * plain images (``kind="images"``): text-image shards, trained as 2D steps (no camera);
+* a multi-view folder with cameras (``kind="multiview"``, the layout of
+  :mod:`mvdream_platform.data.layout`, e.g. posed photos of the subject converted to it):
+  copied view for view, re-captioned;
 
 every record captioned with the identifier prompt (``"a sks toy"``).
 
@@ -28,6 +31,7 @@ from typing import Any
 
 from .. import storage
 from ..data import layout
+from ..data.datasets import BadRecord, read_multiview_manifest, read_object_record
 from ..data.prepare import (
     IMAGE_SUFFIXES,
     MESH_SUFFIXES,
@@ -37,18 +41,20 @@ from ..data.prepare import (
     plan_meshes,
     prepare_multiview,
     prepare_text_images,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
-KINDS = ("auto", "meshes", "images")
+KINDS = ("auto", "meshes", "images", "multiview")
+MULTIVIEW_KINDS = ("meshes", "multiview")  # subjects trained as multi-view steps (with cameras)
 
 
 @dataclass
 class SubjectConfig:
     """The subject and how to prompt it."""
 
-    uri: str = ""  # folder, glob or fsspec URI of the subject's mesh files or images
-    kind: str = "auto"  # auto | meshes | images
+    uri: str = ""  # folder, glob or fsspec URI of the subject's mesh files, images or multi-view set
+    kind: str = "auto"  # auto | meshes | images | multiview
     identifier: str = "sks"  # a rare token that becomes the subject's name
     class_noun: str = "toy"
     prompt_template: str = "a {identifier} {class_noun}"
@@ -72,9 +78,6 @@ class SubjectConfig:
             raise ValueError("subject.identifier must be non-empty, renders and views >= 1")
 
 
-PRIOR_KINDS = ("multiview", "images")
-
-
 @dataclass
 class PriorConfig:
     """Prior data trained beside the subject (DreamBooth's prior preservation)."""
@@ -90,7 +93,7 @@ class PriorConfig:
 def detect_prior_kind(uri: str) -> str:
     """``multiview`` (a ``jobs/prepare_data.py source=shapes|meshes`` folder) or ``images``
     (text-image shards); an error says what a prior folder must hold."""
-    if storage.exists(storage.join(uri, layout.MANIFEST)) or storage.exists(storage.join(uri, layout.OBJECTS_DIR)):
+    if is_multiview_folder(uri):
         return "multiview"
     if storage.exists(storage.join(uri, layout.IMAGES_MANIFEST)) or any(
             name.endswith((".parquet", ".tar")) for name in storage.listdir(uri)):
@@ -103,7 +106,7 @@ def mixture_settings(subject_kind: str, subject_uri: str, prior: PriorConfig) ->
     """The training data fields (``uri``, ``image_uri``, ``p_multiview``) for the subject and
     its optional prior: the subject's kind takes ``1 - prior.fraction`` of the steps."""
     prior.validate()
-    multiview_subject = subject_kind == "meshes"
+    multiview_subject = subject_kind in MULTIVIEW_KINDS
     fields = {"uri": subject_uri if multiview_subject else None,
               "image_uri": None if multiview_subject else subject_uri,
               "p_multiview": 1.0 if multiview_subject else 0.0}
@@ -126,8 +129,20 @@ def subject_files(uri: str) -> list[str]:
     return sorted(p for p in glob_files(uri) if p.lower().endswith(MESH_SUFFIXES + IMAGE_SUFFIXES))
 
 
+def is_multiview_folder(uri: str) -> bool:
+    """True for a folder in the multi-view layout (``manifest.jsonl`` or ``objects/``)."""
+    return storage.exists(storage.join(uri, layout.MANIFEST)) or storage.exists(storage.join(uri, layout.OBJECTS_DIR))
+
+
 def detect_kind(subject: SubjectConfig) -> tuple[str, list[str]]:
-    """(``meshes`` | ``images``, the files) for the subject; an error names what was found."""
+    """(``meshes`` | ``images`` | ``multiview``, the files or object ids) for the subject; an
+    error names what was found."""
+    if subject.kind == "multiview" or (subject.kind == "auto" and is_multiview_folder(subject.uri)):
+        objects = [entry["object_id"] for entry in read_multiview_manifest(subject.uri)[0]]
+        if not objects:
+            raise ValueError(f"subject.uri={subject.uri!r} holds no finished multi-view objects "
+                             f"({layout.OBJECTS_DIR}/<id>/{layout.CAMERAS_FILE})")
+        return "multiview", objects
     files = subject_files(subject.uri)
     meshes = [f for f in files if f.lower().endswith(MESH_SUFFIXES)]
     images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
@@ -140,6 +155,28 @@ def detect_kind(subject: SubjectConfig) -> tuple[str, list[str]]:
                          f"({', '.join(MESH_SUFFIXES if kind == 'meshes' else IMAGE_SUFFIXES)}); "
                          f"found {len(files)} files")
     return kind, chosen
+
+
+def recaption_multiview(source: str, out_uri: str, caption: str) -> int:
+    """Copy every finished object of the multi-view folder ``source`` into ``out_uri`` with its
+    caption replaced by ``caption``: views byte for byte, ``cameras.json`` last (it marks an
+    object complete, so an interrupted copy resumes), then the manifest. Returns the count."""
+    for entry in read_multiview_manifest(source)[0]:
+        target = storage.join(out_uri, layout.OBJECTS_DIR, entry["object_id"])
+        if storage.exists(storage.join(target, layout.CAMERAS_FILE)):
+            continue
+        origin = storage.join(source, entry["path"])
+        try:
+            record = read_object_record(origin)
+            views = {layout.view_name(v): storage.read_bytes(storage.join(origin, layout.view_name(v)))
+                     for v in range(record.num_views)}
+        except (BadRecord, FileNotFoundError) as error:
+            raise ValueError(f"subject object {origin!r} is unreadable: {error}") from error
+        for name, data in views.items():
+            storage.write_bytes(storage.join(target, name), data)
+        record.caption = caption
+        storage.write_json(storage.join(target, layout.CAMERAS_FILE), record.to_json())
+    return write_manifest(out_uri)
 
 
 def prepare_subject(subject: SubjectConfig, out_uri: str, resolution: int, workers: int = 0) -> dict[str, Any]:
@@ -162,6 +199,8 @@ def prepare_subject(subject: SubjectConfig, out_uri: str, resolution: int, worke
         if summary.failed:
             raise ValueError(f"{summary.failed} subject renders failed: {summary.failures[:3]}")
         records = len(specs)
+    elif kind == "multiview":
+        records = recaption_multiview(subject.uri, folder, prompt)
     else:
         if not storage.exists(storage.join(folder, layout.IMAGES_MANIFEST)):
             captions = {f.rsplit("/", 1)[-1]: prompt for f in files}
