@@ -121,7 +121,6 @@ def training_images_per_s() -> dict:
     return out
 
 
-
 def bench_size(size: int, args: argparse.Namespace, root: Path) -> list[dict]:
     t0 = time.perf_counter()
     mv_uri, img_uri = write_fixture(root, size, args.objects, args.rows)

@@ -87,7 +87,6 @@ def time_render(mesh, c2w: torch.Tensor, resolution: int, antialias: int, thread
     return time.perf_counter() - start
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
@@ -147,7 +146,8 @@ def main() -> None:
     print(f"target >= {TARGET:.0f} views/s at 64x64, ~1k faces, one core: "
           f"{small['views_per_s']:.0f} views/s ({verdict})")
 
-    result = {"benchmark": "render", "machine": describe(("numpy", "torch", "trimesh", "embreex"), cores=len(all_cpus)), "fovy_deg": FOVY,
+    machine = describe(("numpy", "torch", "trimesh", "embreex"), cores=len(all_cpus))
+    result = {"benchmark": "render", "machine": machine, "fovy_deg": FOVY,
               "repeats": repeats, "statistic": "median over repeats of views / seconds",
               "bvh_build_s": {k: round(v, 4) for k, v in prepare_s.items()},
               "target": {"views_per_s": TARGET, "setting": "64x64, icosphere-1k, one core",

@@ -407,7 +407,6 @@ def time_composite_only(renderer, samples, field_out, n_rays: int) -> tuple[floa
 # ----------------------------------------------------------------------------- report
 
 
-
 def load_config(path: Path) -> SDSConfig:
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     cfg = SDSConfig.from_dict(values)

@@ -46,7 +46,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 APP = "bench-serve"
 
 
-
 def body(i: int, args) -> dict:
     return {"prompts": [f"a red cube {i}"], "steps": args.steps, "num_views": args.views, "seed": i}
 

@@ -99,7 +99,6 @@ def measure(workers: int, args: argparse.Namespace, mv: str, img: str, storage: 
     return row
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="measured steps per run")

@@ -119,7 +119,6 @@ def run_tune(args, concurrent: int, root: str, name: str) -> tuple[float, dict]:
     return seconds, summary
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=4)

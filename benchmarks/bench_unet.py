@@ -25,7 +25,6 @@ from machine_info import describe
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-
 def sd_shaped(widths: tuple[int, ...], heads: tuple[int, ...]) -> dict:
     """An SD-2.1-layout latent UNet config (4 levels, cross-attention on the first 3)."""
     unet = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
@@ -128,7 +127,6 @@ def bench_config(name: str, repeats: int, objects: int, device: torch.device, dt
         row["images_per_s"] = round(n / row["step_s"], 2)
         row["times"] = [round(t, 4) for t in row["times"]]
     return list(rows.values())
-
 
 
 def main() -> None:

@@ -88,6 +88,7 @@ def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
     """Multi-view SDS of the identifier prompt, scored against the subject at held-out views."""
     from mvdream_platform.data import render
     from mvdream_platform.evaluation import classify_colour, shaded_palette
+    from mvdream_platform.sds.checkpoint import load_checkpoint
     from mvdream_platform.sds.config import sds_config_for
     from mvdream_platform.sds.optimize import build_scene, render_orbit
     from mvdream_platform.sds.pipeline import run_text_to_3d
@@ -98,8 +99,6 @@ def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
     record = run_text_to_3d(prompt, pipe, cfg, str(out), seed=0, progress=False)
     # The finished field, reloaded from the run's last checkpoint.
     scene = build_scene(cfg, seed=0)
-    from mvdream_platform.sds.checkpoint import load_checkpoint
-
     load_checkpoint(str(out / "checkpoints"), scene.modules(), None)
     resolution = cfg.export.turntable_resolution
     c2w = evaluation_orbit(cfg.export.quality_views, cfg.cameras.eval_elevation, cfg.cameras.eval_distance)

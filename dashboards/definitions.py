@@ -33,7 +33,7 @@ from wandb_workspaces import expr
 
 # ---------------------------------------------------------------------------- metric keys
 # Training (mvdream_platform.training.loop logs these every `log_every` steps).
-TRAIN_LOSS = ("loss", "preservation_loss")  # the second one only with DreamBooth's prior term
+TRAIN_LOSS = ("loss", "preservation_loss")  # the second only with DreamBooth's parameter preservation
 TRAIN_OPTIM = ("lr", "grad_norm")
 TRAIN_THROUGHPUT = ("images_per_s", "samples_per_s")
 TRAIN_MEMORY = ("max_rss_mb", "cuda_max_allocated_mb")  # host; GPU when there is one

@@ -18,6 +18,7 @@ Writes <run>/pipeline and <run>/dreambooth.json (prompt, subject, settings).
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +29,8 @@ from mvdream_platform.training.config import TrainJobConfig
 from mvdream_platform.training.dreambooth import (
     PriorConfig,
     SubjectConfig,
+    check_prior,
+    detect_kind,
     mixture_settings,
     prepare_subject,
 )
@@ -38,10 +41,9 @@ from _common import expand_model_argv, save_resolved_config
 log = logging.getLogger("dreambooth")
 
 
-def training_config(cfg: DictConfig, subject_data: dict) -> TrainJobConfig:
+def training_config(cfg: DictConfig, subject_data: dict, prior: PriorConfig) -> TrainJobConfig:
     """The training run of this DreamBooth job: the subject's data (and prior data), preservation on."""
     values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    prior = build_dataclass(PriorConfig, values["prior"], "prior")
     data = dict(values["data"], name="dreambooth",
                 **mixture_settings(subject_data["kind"], subject_data["uri"], prior))
     trainer = dict(values["trainer"], preservation_weight=values["preservation"]["weight"],
@@ -57,16 +59,17 @@ def training_config(cfg: DictConfig, subject_data: dict) -> TrainJobConfig:
 def run(cfg: DictConfig) -> dict:
     subject = build_dataclass(SubjectConfig, OmegaConf.to_container(cfg.subject, resolve=True), "subject")
     subject.validate()
-    build_dataclass(PriorConfig, OmegaConf.to_container(cfg.prior, resolve=True), "prior").validate()
+    prior = build_dataclass(PriorConfig, OmegaConf.to_container(cfg.prior, resolve=True), "prior")
+    check_prior(detect_kind(subject)[0], prior)  # a config error now, not after the rendering
     run_folder = storage.join(cfg.run.storage_path, cfg.run.name)
     save_resolved_config(cfg, run_folder)
     subject_data = prepare_subject(subject, storage.join(run_folder, "subject"), cfg.data.resolution)
-    job = training_config(cfg, subject_data)
+    job = training_config(cfg, subject_data, prior)
     summary = run_training(job)
     record = {"prompt": subject_data["prompt"], "identifier": subject.identifier,
               "class_noun": subject.class_noun, "subject": subject.uri, "subject_kind": subject_data["kind"],
               "subject_records": subject_data["records"], "preservation": dict(cfg.preservation),
-              "prior": OmegaConf.to_container(cfg.prior, resolve=True),
+              "prior": asdict(prior),
               "steps": job.trainer.max_steps, "base_model": OmegaConf.to_container(cfg.model, resolve=True),
               "pipeline": summary["pipeline"], "final_metrics": summary["metrics"]}
     storage.write_json(storage.join(run_folder, "dreambooth.json"), record)

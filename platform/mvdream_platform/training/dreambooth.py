@@ -102,26 +102,32 @@ def detect_prior_kind(uri: str) -> str:
                      f"{layout.OBJECTS_DIR}/) nor text-image shards ({layout.IMAGES_MANIFEST}, *.parquet, *.tar)")
 
 
-def mixture_settings(subject_kind: str, subject_uri: str, prior: PriorConfig) -> dict[str, Any]:
-    """The training data fields (``uri``, ``image_uri``, ``p_multiview``) for the subject and
-    its optional prior: the subject's kind takes ``1 - prior.fraction`` of the steps."""
+def check_prior(subject_kind: str, prior: PriorConfig) -> str | None:
+    """The prior's kind (None without a prior), after checking that it can share the 3D/2D
+    mixture with a subject of ``subject_kind``: it must be the other kind. Cheap, so the job
+    calls it before rendering the subject."""
     prior.validate()
-    multiview_subject = subject_kind in MULTIVIEW_KINDS
-    fields = {"uri": subject_uri if multiview_subject else None,
-              "image_uri": None if multiview_subject else subject_uri,
-              "p_multiview": 1.0 if multiview_subject else 0.0}
     if not prior.uri:
-        return fields
+        return None
     prior_kind = detect_prior_kind(prior.uri)
-    if (prior_kind == "multiview") == multiview_subject:
+    if (prior_kind == "multiview") == (subject_kind in MULTIVIEW_KINDS):
         raise ValueError(f"prior.uri={prior.uri!r} holds {prior_kind} data like the subject ({subject_kind}); "
                          "the 3D/2D mixture needs the other kind: text-image shards beside meshes, "
                          "multi-view renders beside images")
-    if multiview_subject:
-        fields.update(image_uri=prior.uri, p_multiview=1.0 - prior.fraction)
-    else:
-        fields.update(uri=prior.uri, p_multiview=prior.fraction)
-    return fields
+    return prior_kind
+
+
+def mixture_settings(subject_kind: str, subject_uri: str, prior: PriorConfig) -> dict[str, Any]:
+    """The training data fields (``uri``, ``image_uri``, ``p_multiview``) for the subject and
+    its optional prior: the subject's kind takes ``1 - prior.fraction`` of the steps."""
+    prior_kind = check_prior(subject_kind, prior)
+    if subject_kind in MULTIVIEW_KINDS:
+        if prior_kind is None:
+            return {"uri": subject_uri, "image_uri": None, "p_multiview": 1.0}
+        return {"uri": subject_uri, "image_uri": prior.uri, "p_multiview": 1.0 - prior.fraction}
+    if prior_kind is None:
+        return {"uri": None, "image_uri": subject_uri, "p_multiview": 0.0}
+    return {"uri": prior.uri, "image_uri": subject_uri, "p_multiview": prior.fraction}
 
 
 def subject_files(uri: str) -> list[str]:
