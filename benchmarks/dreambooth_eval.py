@@ -9,7 +9,7 @@ weights), with identical settings:
   dominant colour matches the subject's;
 * **subject, text-to-3D**: multi-view SDS of the identifier prompt (conf/sds/tiny.yaml,
   ``--sds-steps``), the NeRF's albedo at 8 held-out orbit views against the subject's renders
-  there: IoU and colour (:func:`mvdream_platform.sds.quality.score_views`);
+  there: IoU and colour (:func:`mvdream_platform.evaluation.text_to_3d.score_views`);
 * **procedural captions**: :func:`mvdream_platform.evaluation.evaluate` on held-out
   single-primitive captions (colour accuracy, IoU), and the change against the base model.
 
@@ -88,11 +88,11 @@ def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
     """Multi-view SDS of the identifier prompt, scored against the subject at held-out views."""
     from mvdream_platform.data import render
     from mvdream_platform.evaluation import classify_colour, shaded_palette
+    from mvdream_platform.evaluation.text_to_3d import evaluation_orbit, score_views
     from mvdream_platform.sds.checkpoint import load_checkpoint
     from mvdream_platform.sds.config import sds_config_for
     from mvdream_platform.sds.optimize import build_scene, render_orbit
     from mvdream_platform.sds.pipeline import run_text_to_3d
-    from mvdream_platform.sds.quality import evaluation_orbit, score_views
 
     sds = yaml.safe_load((REPO / "conf" / "sds" / "tiny.yaml").read_text())
     cfg = sds_config_for({"sds": sds, "steps": steps, "guidance": "mvdream", "guidance_scale": None})

@@ -14,9 +14,12 @@ from mvdream_platform.data import shapes
 from mvdream_platform.data.shapes import (
     ADJECTIVES,
     COLOURS,
+    FRONT_DIRECTION,
     RELATIONS,
     SHAPE_ADJECTIVES,
     SHAPES,
+    SIDE_PHRASES,
+    SIDES,
     adjective_holds,
     build_mesh,
     caption_for,
@@ -89,6 +92,13 @@ def test_everything_reachable(objects):
     assert {o.attributes["relation"] for o in objects} == {None, *RELATIONS}
     assert {(p["shape"], p["adjective"]) for p in parts if p["adjective"]} == {
         (s, a) for s, adjectives in SHAPE_ADJECTIVES.items() for a in adjectives}
+    # Grammar 2: every side, fronts on singles and composites, every kind of open attribute.
+    assert {o.attributes["side"] for o in objects if o.attributes["relation"] == "next to"} == set(SIDES)
+    assert {o.attributes["relation"] for o in objects if o.attributes["parts"][0]["front"]} == {None, *RELATIONS}
+    kinds = {name.split(":")[0] for o in objects for name in o.attributes["open"]}
+    assert kinds == {"colour", "adjective", "front", "side"}
+    share_open = np.mean([bool(o.attributes["open"]) for o in objects])
+    assert 0.2 < share_open < 0.8
 
 
 def test_object_ids_stable_and_sortable(objects):
@@ -165,7 +175,13 @@ def test_face_colours_match_attributes(objects):
             assert start == covered  # face ranges tile the mesh
             covered = stop
             assert part["rgb"] == list(COLOURS[part["colour"]])
-            assert (colours[start:stop] == [*part["rgb"], 255]).all()
+            body = (colours[start:stop] == [*part["rgb"], 255]).all(axis=1)
+            if part["front"] is None:
+                assert body.all() and part["front_faces"] == 0
+            else:
+                marker = (colours[start:stop] == [*COLOURS[part["front"]], 255]).all(axis=1)
+                assert (body | marker).all() and marker.sum() == part["front_faces"] > 0
+                assert part["front"] not in {p["colour"] for p in obj.attributes["parts"]}
         assert covered == len(obj.mesh.faces)
         assert obj.mesh.visual.vertex_colors.shape == (len(obj.mesh.vertices), 4)
         if obj.attributes["relation"]:
@@ -173,23 +189,48 @@ def test_face_colours_match_attributes(objects):
             assert first["colour"] != second["colour"]
 
 
-def test_captions_name_what_was_built(objects):
+def _caption_halves(obj) -> list[str]:
+    relation, side = obj.attributes["relation"], obj.attributes["side"]
+    if relation is None:
+        return [obj.caption]
+    phrase = "next to" if relation == "next to" and "side" in obj.attributes["open"] else (
+        SIDE_PHRASES[side] if relation == "next to" else relation)
+    halves = obj.caption.split(f" {phrase} ")
+    assert len(halves) == 2, obj.caption
+    return halves
+
+
+def test_captions_name_what_was_built_and_nothing_that_is_open(objects):
     for obj in objects:
-        parts, relation = obj.attributes["parts"], obj.attributes["relation"]
+        parts, open_ = obj.attributes["parts"], set(obj.attributes["open"])
         caption = obj.caption
         assert caption.startswith(("a ", "an "))
-        for part in parts:
-            assert part["shape"] in caption and part["colour"] in caption
+        for k, (part, words) in enumerate(zip(parts, _caption_halves(obj))):
+            words = words.split()
+            assert part["shape"] in words
+            assert (part["colour"] in words) == (f"colour:{k}" not in open_), (caption, open_)
             if part["adjective"]:
-                assert f"{part['adjective']} " in caption
-        if relation:
-            head, tail = caption.split(f" {relation} ")
-            assert parts[0]["shape"] in head and parts[1]["shape"] in tail
-            assert parts[0]["colour"] in head and parts[1]["colour"] in tail
-        else:
-            assert not any(f" {r} " in caption for r in RELATIONS)
+                assert (part["adjective"] in words) == (f"adjective:{k}" not in open_), caption
+            if part["front"]:
+                named = f"with a {part['front']} front" in " ".join(words)
+                assert named == (f"front:{k}" not in open_), caption
+                assert named or "with a front mark" in " ".join(words)
+            else:
+                assert "front" not in words and "mark" not in words
+        if obj.attributes["relation"] is None:
+            assert not any(f" {r} " in caption for r in [*RELATIONS, *SIDE_PHRASES.values()])
     assert make_object(0, shapes=["cube"], colours=["orange"], p_composite=0,
-                       p_adjective=0).caption == "an orange cube"
+                       p_adjective=0, p_front=0, p_open=0).caption == "an orange cube"
+    # Open captions: the same caption, different objects.
+    plain = [make_object(i, shapes=["cube"], p_composite=0, p_adjective=0, p_front=0, p_open=1)
+             for i in range(12)]
+    assert {o.caption for o in plain} == {"a cube"}
+    assert len({o.attributes["parts"][0]["colour"] for o in plain}) > 3
+    pairs = [make_object(i, shapes=["cube", "sphere"], relations=["next to"], p_composite=1,
+                         p_adjective=0, p_front=0, p_open=1) for i in range(40)]
+    assert {o.caption for o in pairs} <= {f"a {a} next to a {b}" for a in ("cube", "sphere")
+                                          for b in ("cube", "sphere")}
+    assert {o.attributes["side"] for o in pairs} == set(SIDES)
 
 
 def test_adjectives_true_of_geometry(objects):
@@ -219,14 +260,53 @@ def test_on_top_of_rests_upper_part_on_lower_part():
         assert gaps.min() < 0.02, obj.caption  # touching: it rests, it does not float
 
 
-def test_next_to_puts_parts_side_by_side_on_one_floor():
-    for obj in _composites("next to"):
-        left, right = (_part(obj.mesh, p) for p in obj.attributes["parts"])
-        assert left.bounds[1, 0] <= right.bounds[1, 0] and left.bounds[0, 0] < right.bounds[0, 0]
-        assert abs(left.bounds[0, 2] - right.bounds[0, 2]) < 1e-9, obj.caption  # one floor
-        gaps = _gaps_along(left, right, axis=0)
-        assert len(gaps) > 0, obj.caption
-        assert 0.0 < gaps.min() < 0.1, obj.caption  # apart, but close
+@pytest.mark.parametrize("side, axis, sign", [("left", 0, -1), ("right", 0, 1),
+                                              ("behind", 1, 1), ("front", 1, -1)])
+def test_next_to_puts_parts_side_by_side_on_one_floor(side, axis, sign):
+    for i in range(8):
+        spec = sample_spec(i, seed=1, p_composite=1.0, relations=["next to"])
+        spec["side"] = side
+        mesh, attributes = build_mesh(spec)
+        first, second = (_part(mesh, p) for p in attributes["parts"])
+        # ``first`` stands at sign * axis of ``second``.
+        lower, upper = (second, first) if sign > 0 else (first, second)
+        assert lower.bounds[1, axis] <= upper.bounds[1, axis] and lower.bounds[0, axis] < upper.bounds[0, axis]
+        assert abs(first.bounds[0, 2] - second.bounds[0, 2]) < 1e-9, side  # one floor
+        gaps = _gaps_along(lower, upper, axis=axis)
+        assert len(gaps) > 0, side
+        assert 0.0 < gaps.min() < 0.1, side  # apart, but close
+    # Version-1 specs (no side) keep their layout: the first part on the left.
+    spec = sample_spec(0, seed=1, p_composite=1.0, relations=["next to"])
+    del spec["side"]
+    _, attributes = build_mesh(spec)
+    assert attributes["side"] == "left"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_front_marker_faces_mvdream_azimuth_zero(shape):
+    from mvdream_platform.evaluation import EvalSettings, classify_colour, render_ground_truth, shaded_palette
+
+    spec = {"relation": None, "parts": [{"shape": shape, "colour": "red", "adjective": None,
+                                         "aspect": None, "size": 1.0, "front": "yellow"}]}
+    mesh, attributes = build_mesh(spec)
+    marker = (mesh.visual.face_colors[:, :3] == COLOURS["yellow"]).all(axis=1)
+    assert marker.sum() == attributes["parts"][0]["front_faces"] > 0
+    assert (mesh.face_normals[marker] @ np.asarray(FRONT_DIRECTION) > 0.7).all()
+    assert (mesh.triangles_center[marker][:, 1] < 0).all()  # on the -y side
+    # Rendered at MVDream's cameras (azimuth 0, 90, 180, 270): the marker's colour fills a
+    # share of the first view and none of the back view.
+    obj = shapes.ProceduralObject("x", caption_for(attributes), attributes, mesh, seed=0)
+    views = render_ground_truth(obj, EvalSettings(num_views=4), 48)
+    samples, names = shaded_palette()
+    shares = []
+    for view in views:
+        pixels = view.reshape(-1, 3)
+        nearest = np.asarray(names)[((pixels[:, None] - samples[None]) ** 2).sum(-1).argmin(1)]
+        shares.append(float((nearest == "yellow").mean()))
+    assert shares[0] > 0.01 and shares[2] == 0.0, shares
+    assert caption_for(attributes) == f"a red {shape} with a yellow front"
+    assert classify_colour(views[2].reshape(-1, 3)[views[2].reshape(-1, 3).std(1) > 0.05],
+                           (samples, names)) == "red"
 
 
 @pytest.mark.parametrize("top, bottom", [("sphere", "torus"), ("star", "prism"),
@@ -276,6 +356,13 @@ def test_restricted_vocabularies_and_probabilities():
     (lambda: make_object(0, adjectives=["huge"]), "adjectives.*huge"),
     (lambda: make_object(0, p_composite=1.5), "p_composite"),
     (lambda: make_object(0, p_adjective=-0.1), "p_adjective"),
+    (lambda: make_object(0, p_front=2.0), "p_front"),
+    (lambda: make_object(0, p_open=-1), "p_open"),
+    (lambda: build_mesh({"relation": None, "parts": [
+        {"shape": "cube", "colour": "red", "size": 1.0, "front": "mauve"}]}), "front.*mauve"),
+    (lambda: build_mesh({"relation": "next to", "side": "above", "parts": [
+        {"shape": "cube", "colour": "red", "size": 1.0},
+        {"shape": "cube", "colour": "blue", "size": 1.0}]}), "side.*above"),
     (lambda: make_object(-1), "index"),
     (lambda: make_object(1.5), "index"),
     (lambda: object_id_for(-3), "index"),

@@ -1,21 +1,39 @@
 """Procedural 3D objects with captions: the embedded default's training set.
 
-A tiny grammar, sampled per object::
+A tiny grammar, sampled per object (version 2)::
 
     object   := part | part RELATION part
-    part     := [ADJECTIVE] COLOUR SHAPE
-    RELATION := "on top of" | "next to"
+    part     := [ADJECTIVE] [COLOUR] SHAPE [FRONT]
+    FRONT    := "with a" COLOUR "front" | "with a front mark"
+    RELATION := "on top of" | "next to" | "to the left of" | "to the right of" | "behind"
+              | "in front of"
 
-gives captions such as "a red cube", "a tall blue cylinder", "a red cube on top of a blue
-sphere" or "a green cone next to a yellow torus", each with a coloured ``trimesh.Trimesh`` and
-JSON-able ``attributes`` that say exactly what was built, so an evaluation can check what a
-model produced.
+gives captions such as "a red cube", "a tall blue cylinder", "a red cube with a yellow front",
+"a red cube on top of a blue sphere", "a cube next to a sphere" or "a green cone behind a
+yellow torus", each with a coloured ``trimesh.Trimesh`` and JSON-able ``attributes`` that say
+exactly what was built, so an evaluation can check what a model produced.
+
+**The world is not consistent for free** (what MVDream exists for):
+
+* *Open captions.* Each object is one definite thing, but its caption may leave attributes
+  out (``attributes["open"]``, e.g. ``["colour:0", "side"]``): "a cube" is a caption whose
+  colour varies between objects, "a cube next to a sphere" one whose layout does. A model that
+  draws each view on its own is free to disagree between views.
+* *Fronts.* A part may carry a front marker (``part["front"]``, a second colour) on the faces
+  that look towards MVDream azimuth 0 (world -y; the official ``get_camera``'s first view);
+  "a red cube with a yellow front" or, its marker colour left open, "... with a front mark".
+  Composites carry it on their first part. A 2D model has no reason to put it on one side only.
+* *Unnamed poses.* "next to" pairs stand on a random side (``attributes["side"]``: where the
+  first part stands relative to the second: left, right, behind or front, as seen from
+  azimuth 0); the caption names the side ("to the left of", ...) or, in a share, only says
+  "next to".
 
 Conventions (the project's world, see :mod:`mvdream_platform.cameras`):
 
 * **z is up**; "A on top of B" puts part A (named first) above part B in +z, resting on it;
-  "A next to B" puts A on the -x side and B on the +x side (A left, B right in MVDream's
-  azimuth-0 view, which looks along +y), both standing on one floor, a small gap apart.
+  "A next to B" puts A beside B on ``side``: "left" = -x, "right" = +x, "behind" = +y,
+  "front" = -y of B (MVDream's azimuth-0 camera stands at -y and looks along +y, so left and
+  right are its image's left and right), both standing on one floor, a small gap apart.
 * Parts are placed by **exact contact**: the upper part is lowered (or the right part slid
   left) until the two triangle meshes touch, so a sphere settles into a torus' hole and a cube
   balances on a cone's apex; parts never interpenetrate (up to float error).
@@ -58,8 +76,12 @@ __all__ = [
     "ADJECTIVES",
     "COLOURS",
     "GRAMMAR_VERSION",
+    "HELD_OUT_START",
     "RELATIONS",
     "SHAPES",
+    "SIDES",
+    "SIDE_PHRASES",
+    "FRONT_DIRECTION",
     "SHAPE_ADJECTIVES",
     "ProceduralObject",
     "adjective_holds",
@@ -71,7 +93,7 @@ __all__ = [
     "sample_spec",
 ]
 
-GRAMMAR_VERSION = 1
+GRAMMAR_VERSION = 2
 
 # Distinct silhouettes from the elevations MVDream renders at (0..30 degrees): round, boxy,
 # pointed, holed, elongated, ridged, sloped and star-shaped outlines.
@@ -98,6 +120,20 @@ COLOURS: Mapping[str, tuple[int, int, int]] = MappingProxyType({
 RELATIONS: tuple[str, ...] = ("on top of", "next to")
 
 ADJECTIVES: tuple[str, ...] = ("tall", "flat", "wide")
+
+# Where the first part of a "next to" pair stands relative to the second, and how a caption
+# that names it says so (seen from MVDream azimuth 0).
+SIDES: tuple[str, ...] = ("left", "right", "behind", "front")
+SIDE_PHRASES: Mapping[str, str] = MappingProxyType({
+    "left": "to the left of", "right": "to the right of", "behind": "behind", "front": "in front of",
+})
+_SIDE_OFFSETS = {"left": (0, -1), "right": (0, 1), "behind": (1, 1), "front": (1, -1)}  # (axis, sign)
+
+# The world direction the front marker faces: towards MVDream's azimuth-0 camera.
+FRONT_DIRECTION: tuple[float, float, float] = (0.0, -1.0, 0.0)
+# A face belongs to the marker when its normal is within ~41 degrees of FRONT_DIRECTION: a
+# whole flat face (cube, pyramid, star, wedge end), a cap on round parts.
+_FRONT_MIN_COSINE = 0.75
 
 # Only the adjectives that read naturally and have a faithful geometric form per shape: a
 # "tall torus" or a "wide star" would need a distortion nobody would call by that name.
@@ -128,8 +164,14 @@ _SIZE_RANGES = {"single": (1.0, 1.0), "top": (0.5, 0.8), "bottom": (0.8, 1.0),
 # ~1 across) so their silhouettes stay apart in renders.
 _NEXT_TO_GAP = 0.05
 
+# Object indices from here on are never used by the training (0..) or 2D (1_000_000..) sets:
+# held-out captions for evaluation and training-time samples.
+HELD_OUT_START = 2_000_000
+
 DEFAULT_P_COMPOSITE = 0.5
 DEFAULT_P_ADJECTIVE = 0.3
+DEFAULT_P_FRONT = 0.3   # a (first) part carries a front marker
+DEFAULT_P_OPEN = 0.3    # each attribute (colour, adjective, marker colour, side) left out of the caption
 
 
 @dataclass
@@ -140,9 +182,12 @@ class ProceduralObject:
         object_id: ``"shape-000123"`` (zero-padded to 6 digits: sortable up to 999999).
         caption: e.g. ``"a tall red cube on top of a blue sphere"``.
         attributes: JSON-able facts: ``parts`` (list of dicts: shape, colour, rgb, adjective,
-            aspect, size, center (3,), extent (3,), faces [start, stop)), ``relation``
-            (``"on top of"``, ``"next to"`` or None), ``normalization`` (scale, offset),
-            ``grammar_version``, ``seed``, ``index``.
+            aspect, size, front (marker colour or None), front_rgb, front_faces (count),
+            center (3,), extent (3,), faces [start, stop)), ``relation`` (``"on top of"``,
+            ``"next to"`` or None), ``side`` (next to: one of SIDES), ``open`` (attributes
+            the caption leaves out: ``"colour:K"``, ``"adjective:K"``, ``"front:K"``,
+            ``"side"``), ``normalization`` (scale, offset), ``grammar_version``, ``seed``,
+            ``index``.
         mesh: one watertight ``trimesh.Trimesh`` with per-face RGBA colours, z up, normalised
             to the unit sphere.
         seed: the set's seed.
@@ -169,6 +214,8 @@ def make_object(
     *,
     p_composite: float = DEFAULT_P_COMPOSITE,
     p_adjective: float = DEFAULT_P_ADJECTIVE,
+    p_front: float = DEFAULT_P_FRONT,
+    p_open: float = DEFAULT_P_OPEN,
     shapes: Iterable[str] | None = None,
     colours: Iterable[str] | None = None,
     relations: Iterable[str] | None = None,
@@ -180,6 +227,10 @@ def make_object(
         index, seed: non-negative integers.
         p_composite: probability of a two-part object joined by a relation.
         p_adjective: probability that a part gets an adjective (when its shape allows one).
+        p_front: probability that the (first) part carries a front marker.
+        p_open: probability that the caption leaves out each of the object's attributes
+            (a part's colour, its adjective, its marker's colour, a "next to" pair's side).
+            0 gives captions that name everything.
         shapes, colours, relations, adjectives: restrict the vocabularies (None = all of
             SHAPES, COLOURS, RELATIONS, ADJECTIVES), e.g. to hold captions out.
 
@@ -187,7 +238,7 @@ def make_object(
         ValueError: naming the bad argument and its allowed values.
     """
     spec = sample_spec(index, seed, p_composite=p_composite, p_adjective=p_adjective,
-                       shapes=shapes, colours=colours, relations=relations, adjectives=adjectives)
+                       p_front=p_front, p_open=p_open, shapes=shapes, colours=colours, relations=relations, adjectives=adjectives)
     mesh, attributes = build_mesh(spec)
     return ProceduralObject(object_id=object_id_for(index), caption=caption_for(attributes),
                             attributes=attributes, mesh=mesh, seed=int(seed), index=int(index))
@@ -214,6 +265,8 @@ def sample_spec(
     *,
     p_composite: float = DEFAULT_P_COMPOSITE,
     p_adjective: float = DEFAULT_P_ADJECTIVE,
+    p_front: float = DEFAULT_P_FRONT,
+    p_open: float = DEFAULT_P_OPEN,
     shapes: Iterable[str] | None = None,
     colours: Iterable[str] | None = None,
     relations: Iterable[str] | None = None,
@@ -222,12 +275,15 @@ def sample_spec(
     """Draw object ``index``'s grammar derivation without building geometry (cheap).
 
     Returns a JSON-able spec ``{"parts": [{"shape", "colour", "rgb", "adjective", "aspect",
-    "size"}, ...], "relation": str | None, "seed", "index"}`` that :func:`build_mesh` turns
-    into a mesh; same arguments as :func:`make_object`.
+    "size", "front", "front_rgb"}, ...], "relation": str | None, "side": str | None, "open":
+    [...], "seed", "index"}`` that :func:`build_mesh` turns into a mesh; same arguments as
+    :func:`make_object`.
     """
     index, seed = _non_negative("index", index), _non_negative("seed", seed)
     p_composite = _probability("p_composite", p_composite)
     p_adjective = _probability("p_adjective", p_adjective)
+    p_front = _probability("p_front", p_front)
+    p_open = _probability("p_open", p_open)
     shapes = _vocabulary("shapes", shapes, SHAPES)
     colours = _vocabulary("colours", colours, tuple(COLOURS))
     relations = _vocabulary("relations", relations, RELATIONS, allow_empty=p_composite == 0)
@@ -245,7 +301,24 @@ def sample_spec(
         # Parts are told apart by colour in renders and evaluations, so they never share one.
         others = [c for c in colours if c != first["colour"]] or colours
         parts = [first, _sample_part(rng, shapes, others, adjectives, p_adjective, roles[1])]
-    return {"parts": parts, "relation": relation, "seed": seed, "index": index}
+    # The marker's colour differs from every part's, so it can be told apart in renders.
+    front = None
+    if rng.random() < p_front:
+        free = [c for c in COLOURS if c not in {p["colour"] for p in parts}]
+        front = free[rng.integers(len(free))]
+    parts[0].update(front=front, front_rgb=list(COLOURS[front]) if front else None)
+    for part in parts[1:]:
+        part.update(front=None, front_rgb=None)
+    side = SIDES[rng.integers(len(SIDES))] if relation == "next to" else None
+    open_ = []
+    for k, part in enumerate(parts):
+        for name in ("colour", "adjective", "front"):
+            if (name == "colour" or part[name] is not None) and rng.random() < p_open:
+                open_.append(f"{name}:{k}")
+    if side is not None and rng.random() < p_open:
+        open_.append("side")
+    return {"parts": parts, "relation": relation, "side": side, "open": open_, "seed": seed,
+            "index": index}
 
 
 def build_mesh(spec: Mapping[str, Any]) -> tuple[trimesh.Trimesh, dict[str, Any]]:
@@ -262,30 +335,43 @@ def build_mesh(spec: Mapping[str, Any]) -> tuple[trimesh.Trimesh, dict[str, Any]
     if len(parts_spec) != (1 if relation is None else 2):
         raise ValueError(f"a spec with relation {relation!r} needs "
                          f"{1 if relation is None else 2} part(s), got {len(parts_spec)}")
+    side = spec.get("side") or ("left" if relation == "next to" else None)  # v1: always left
+    if relation == "next to" and side not in SIDES:
+        raise ValueError(f"unknown side {side!r}; allowed: {', '.join(SIDES)}")
     parts = [_build_part(p) for p in parts_spec]
+    face_colours = [_part_face_colours(mesh, p) for mesh, p in zip(parts, parts_spec)]
     if relation == "on top of":
         _place_on_top(upper=parts[0], lower=parts[1])
     elif relation == "next to":
-        _place_next_to(left=parts[0], right=parts[1])
+        _place_beside(parts[0], parts[1], side)
 
-    mesh, face_ranges = _concatenate(parts, [COLOURS[p["colour"]] for p in parts_spec])
+    mesh, face_ranges = _concatenate(parts, face_colours)
     mesh, normalization = _normalize_unit_sphere(mesh)
-    for part, (start, stop) in zip(parts_spec, face_ranges):
+    for part, (start, stop), colours_k in zip(parts_spec, face_ranges, face_colours):
         bounds = mesh.vertices[np.unique(mesh.faces[start:stop])]
         lo, hi = bounds.min(axis=0), bounds.max(axis=0)
         part.update(center=((lo + hi) / 2).tolist(), extent=(hi - lo).tolist(),
-                    faces=[start, stop])
+                    faces=[start, stop], front_faces=_count_front_faces(part, colours_k))
     attributes = {key: value for key, value in spec.items() if key not in ("parts",)}
-    attributes.update(parts=parts_spec, relation=relation, normalization=normalization,
+    attributes.update(parts=parts_spec, relation=relation, side=side,
+                      open=list(spec.get("open") or []), normalization=normalization,
                       grammar_version=GRAMMAR_VERSION)
     return mesh, attributes
 
 
 def caption_for(spec: Mapping[str, Any]) -> str:
-    """The caption of a spec: "a tall red cube", "an orange cone next to a blue torus"."""
-    phrases = [_part_phrase(p) for p in spec["parts"]]
+    """The caption of a spec: "a tall red cube", "a cube with a yellow front", "an orange
+    cone to the left of a blue torus", "a cone next to a torus" (``spec["open"]`` says what it
+    leaves out)."""
+    open_ = set(spec.get("open") or ())
+    phrases = [_part_phrase(p, k, open_) for k, p in enumerate(spec["parts"])]
     relation = spec.get("relation")
-    return phrases[0] if relation is None else f"{phrases[0]} {relation} {phrases[1]}"
+    if relation is None:
+        return phrases[0]
+    side = spec.get("side")
+    if relation == "next to" and side is not None and "side" not in open_:
+        relation = SIDE_PHRASES[side]
+    return f"{phrases[0]} {relation} {phrases[1]}"
 
 
 def adjective_holds(adjective: str | None, extent: Iterable[float]) -> bool:
@@ -324,11 +410,17 @@ def _sample_part(rng: np.random.Generator, shapes: tuple[str, ...], colours: tup
             "adjective": adjective, "aspect": aspect, "size": size}
 
 
-def _part_phrase(part: Mapping[str, Any]) -> str:
-    words = [w for w in (part.get("adjective"), part["colour"], part["shape"]) if w]
+def _part_phrase(part: Mapping[str, Any], k: int = 0, open_: set[str] = frozenset()) -> str:
+    adjective = None if f"adjective:{k}" in open_ else part.get("adjective")
+    colour = None if f"colour:{k}" in open_ else part["colour"]
+    words = [w for w in (adjective, colour, part["shape"]) if w]
     # Every word of the vocabularies is pronounced as spelled, so the first letter decides.
     article = "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article, *words])
+    phrase = " ".join([article, *words])
+    front = part.get("front")
+    if front:
+        phrase += " with a front mark" if f"front:{k}" in open_ else f" with a {front} front"
+    return phrase
 
 
 def _non_negative(name: str, value: Any) -> int:
@@ -518,15 +610,22 @@ def _place_on_top(upper: trimesh.Trimesh, lower: trimesh.Trimesh) -> None:
         upper.apply_translation([0.0, 0.0, -gap])
 
 
-def _place_next_to(left: trimesh.Trimesh, right: trimesh.Trimesh) -> None:
-    """Move ``right`` (in place) to stand at +x of ``left`` on the same floor, a gap apart."""
-    offset = left.bounds.mean(axis=0) - right.bounds.mean(axis=0)
-    offset[0] = left.bounds[1, 0] - right.bounds[0, 0]
-    offset[2] = left.bounds[0, 2] - right.bounds[0, 2]
-    right.apply_translation(offset)
-    gap = _contact_gap(left, right, axis=0)
+def _place_beside(first: trimesh.Trimesh, second: trimesh.Trimesh, side: str) -> None:
+    """Move ``second`` (in place) so that ``first`` stands on ``side`` of it (see SIDES), on
+    the same floor, a gap apart."""
+    axis, sign = _SIDE_OFFSETS[side]  # first is at sign * axis of second
+    # Work with the part on the -axis side as the "lower" one of _contact_gap.
+    lower, upper = (second, first) if sign > 0 else (first, second)
+    offset = first.bounds.mean(axis=0) - second.bounds.mean(axis=0)
+    offset[2] = first.bounds[0, 2] - second.bounds[0, 2]
+    offset[axis] = (first.bounds[0, axis] - second.bounds[1, axis] if sign > 0
+                    else first.bounds[1, axis] - second.bounds[0, axis])
+    second.apply_translation(offset)
+    gap = _contact_gap(lower, upper, axis=axis)
     slide = gap - _NEXT_TO_GAP if np.isfinite(gap) else -_NEXT_TO_GAP
-    right.apply_translation([-slide, 0.0, 0.0])
+    step = np.zeros(3)
+    step[axis] = slide if sign > 0 else -slide  # second moves towards first
+    second.apply_translation(step)
 
 
 def _contact_gap(lower: trimesh.Trimesh, upper: trimesh.Trimesh, axis: int) -> float:
@@ -628,15 +727,38 @@ def _nanmin(values: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------ assembly
-def _concatenate(parts: list[trimesh.Trimesh], rgbs: list[tuple[int, int, int]]
+def _part_face_colours(mesh: trimesh.Trimesh, part: Mapping[str, Any]) -> np.ndarray:
+    """(F, 4) uint8 RGBA per face of a built part (centred at the origin): its colour, the
+    marker's on the faces of its front half that look towards FRONT_DIRECTION."""
+    colours = np.tile(np.array([*COLOURS[part["colour"]], 255], dtype=np.uint8), (len(mesh.faces), 1))
+    front = part.get("front")
+    if front is not None:
+        if front not in COLOURS:
+            raise ValueError(f"unknown front colour {front!r}; allowed: {', '.join(COLOURS)}")
+        direction = np.asarray(FRONT_DIRECTION)
+        # Facing the front and on the front half (a torus' inner wall at +y faces -y too).
+        facing = ((mesh.face_normals @ direction >= _FRONT_MIN_COSINE)
+                  & (mesh.triangles_center @ direction > 0))
+        colours[facing, :3] = COLOURS[front]
+    return colours
+
+
+def _count_front_faces(part: Mapping[str, Any], colours: np.ndarray) -> int:
+    if part.get("front") is None:
+        return 0
+    return int((colours[:, :3] == COLOURS[part["front"]]).all(axis=1).sum())
+
+
+def _concatenate(parts: list[trimesh.Trimesh], face_colours: list[np.ndarray]
                  ) -> tuple[trimesh.Trimesh, list[tuple[int, int]]]:
-    """One mesh with per-face RGBA colours; returns it and each part's face range."""
+    """One mesh with per-face RGBA colours (F_k, 4) per part; returns it and each part's face
+    range."""
     vertices, faces, colours, ranges = [], [], [], []
     n_vertices = n_faces = 0
-    for part, rgb in zip(parts, rgbs):
+    for part, part_colours in zip(parts, face_colours):
         vertices.append(part.vertices)
         faces.append(part.faces + n_vertices)
-        colours.append(np.tile(np.array([*rgb, 255], dtype=np.uint8), (len(part.faces), 1)))
+        colours.append(part_colours)
         ranges.append((n_faces, n_faces + len(part.faces)))
         n_vertices += len(part.vertices)
         n_faces += len(part.faces)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from .. import storage
+from ..evaluation.text_to_3d import evaluation_orbit, object_for_prompt, render_truth, score_views
 from .config import SDSConfig
 from .export import extract_mesh, orbit_cameras, write_mesh, write_multiview_png, write_turntable
 from .optimize import Scene, build_scene, optimise, render_orbit
-from .quality import evaluation_orbit, object_for_prompt, render_truth, score_views
 
 log = logging.getLogger(__name__)
 

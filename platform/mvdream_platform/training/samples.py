@@ -24,7 +24,7 @@ class SampleConfig:
 
     every: int = 250
     # Captions to draw; empty = the first ``num_captions`` held-out procedural captions (indices
-    # the training set never uses, see mvdream_platform.evaluation.HELD_OUT_START).
+    # the training set never uses, see mvdream_platform.data.shapes.HELD_OUT_START).
     captions: list[str] = field(default_factory=list)
     num_captions: int = 4
     num_views: int = 4
@@ -43,8 +43,7 @@ class SampleConfig:
     def resolved_captions(self) -> list[str]:
         if self.captions:
             return [str(c) for c in self.captions]
-        from ..data.shapes import make_object
-        from ..evaluation import HELD_OUT_START
+        from ..data.shapes import HELD_OUT_START, make_object
 
         # The training set's own caption distribution (composites included), unseen objects.
         return [make_object(HELD_OUT_START + i).caption for i in range(self.num_captions)]

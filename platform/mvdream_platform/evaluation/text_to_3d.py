@@ -24,7 +24,7 @@ import torch
 
 from ..cameras import orbit_camera_to_world
 from ..data import shapes
-from ..evaluation import aligned_iou, classify_colour, raw_iou, shaded_palette
+from .metrics import aligned_iou, classify_colour, raw_iou, shaded_palette
 
 _PROMPT = re.compile(r"^an? (?:(?P<adjective>\w+) )?(?P<colour>\w+) (?P<shape>\w+)$")
 
