@@ -212,7 +212,7 @@ def test_captions_name_what_was_built_and_nothing_that_is_open(objects):
             if part["adjective"]:
                 assert (part["adjective"] in words) == (f"adjective:{k}" not in open_), caption
             if part["front"]:
-                named = f"with a {part['front']} front" in " ".join(words)
+                named = f" {part['front']} front" in " ".join(words)
                 assert named == (f"front:{k}" not in open_), caption
                 assert named or "with a front mark" in " ".join(words)
             else:
@@ -305,6 +305,8 @@ def test_front_marker_faces_mvdream_azimuth_zero(shape):
         shares.append(float((nearest == "yellow").mean()))
     assert shares[0] > 0.01 and shares[2] == 0.0, shares
     assert caption_for(attributes) == f"a red {shape} with a yellow front"
+    attributes["parts"][0]["front"] = "orange"
+    assert caption_for(attributes) == f"a red {shape} with an orange front"
     assert classify_colour(views[2].reshape(-1, 3)[views[2].reshape(-1, 3).std(1) > 0.05],
                            (samples, names)) == "red"
 

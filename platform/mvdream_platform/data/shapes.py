@@ -419,7 +419,8 @@ def _part_phrase(part: Mapping[str, Any], k: int = 0, open_: set[str] = frozense
     phrase = " ".join([article, *words])
     front = part.get("front")
     if front:
-        phrase += " with a front mark" if f"front:{k}" in open_ else f" with a {front} front"
+        phrase += " with a front mark" if f"front:{k}" in open_ else (
+            f" with {'an' if front[0] in 'aeiou' else 'a'} {front} front")
     return phrase
 
 
