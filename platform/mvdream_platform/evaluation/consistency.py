@@ -211,7 +211,7 @@ def read_view(view: np.ndarray, settings: ConsistencySettings, palette=None) -> 
     mask = foreground_mask(view, settings.foreground_threshold)
     names = np.full(mask.shape, "", dtype="<U8")
     names[mask] = palette_names(view[mask], palette)
-    present = object_present(mask)
+    present = bool(object_present(mask))
     colour = None
     if present:
         values, counts = np.unique(names[mask], return_counts=True)
