@@ -10,12 +10,14 @@ then score each final pipeline with identical settings:
     .venv/bin/python benchmarks/attention_ablation.py --runs outputs/runs \
         --names ablation-3d ablation-temporal ablation-2d
 
-Per run: cross-view consistency on colour-open captions ("a cube": share of 4-view sets whose
-views all agree on the colour, and of agreeing view pairs), and on held-out single-primitive
-captions colour accuracy and silhouette IoU against ground-truth renders
-(mvdream_platform.evaluation), plus the run's training cost and final loss from its
-tracking/metrics.jsonl. Writes results/attention_ablation.json, prints a markdown table and
-saves each run's sample grids under --grids.
+Per run: the multi-view consistency benchmark (mvdream_platform.evaluation.consistency:
+colour-open, layout-open and marked captions, views sampled jointly against each view sampled
+alone, with 95% bootstrap intervals), and on held-out single-primitive captions colour accuracy
+and silhouette IoU against ground-truth renders (mvdream_platform.evaluation), plus the run's
+training cost and final loss from its tracking/metrics.jsonl. Writes
+results/attention_ablation_grammar2.json (results/attention_ablation.json is the run on the
+grammar-1 world, with the old colour-open score), prints a markdown table and saves each run's
+sample grids under --grids.
 """
 
 from __future__ import annotations
@@ -29,13 +31,8 @@ from pathlib import Path
 import torch
 
 from mvdream_platform import storage
-from mvdream_platform.evaluation import (
-    EvalReport,
-    EvalSettings,
-    evaluate,
-    open_colour_consistency,
-    score_open_sets,
-)
+from mvdream_platform.evaluation import EvalSettings, evaluate
+from mvdream_platform.evaluation.consistency import ConsistencySettings, run_consistency
 from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.tracking import read_metrics
 
@@ -54,48 +51,26 @@ def training_record(run: Path, tail_steps: int) -> dict:
             "images_per_s": statistics.median(m["images_per_s"] for m in metrics)}
 
 
-def score(name: str, run: Path, settings: EvalSettings, grids: Path) -> dict:
+def score(name: str, run: Path, settings: EvalSettings, consistency: ConsistencySettings,
+          grids: Path) -> dict:
     pipe = MVDreamPipeline.from_pretrained(run / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     mode = pipe.unet.attention_mode
     start = time.perf_counter()
     report, grid = evaluate(pipe, settings)
-    open_grid = open_colour_consistency(pipe, settings, report)
     storage.write_bytes(grids / name / "grid.png", storage.encode_png(grid))
-    storage.write_bytes(grids / name / "open_colour_grid.png", storage.encode_png(open_grid))
     storage.write_json(grids / name / "report.json", report.to_json())
+    agreement, samples = run_consistency(pipe, consistency)
+    storage.write_json(grids / name / "consistency.json", agreement.to_json())
+    for kind, image in samples.items():
+        storage.write_bytes(grids / name / f"consistency_{kind}.png", storage.encode_png(image))
     return {"run": name, "attention_mode": mode, **training_record(run, tail_steps=100),
-            "open_colour_sets": report.open_colour_sets,
-            "open_colour_agreement": report.open_colour_agreement,
-            "open_colour_pairwise": report.open_colour_pairwise,
-            "open_colour_object_views": report.open_colour_object_views,
+            "consistency": {kind: {"rates": k.rates, "intervals": k.intervals, "margin": k.margin,
+                                   "margin_interval": k.margin_interval, "object_views": k.object_views}
+                            for kind, k in agreement.kinds.items()},
             "objects": report.objects, "colour_accuracy": report.colour_accuracy,
             "mean_iou": report.mean_iou, "mean_iou_raw": report.mean_iou_raw,
             "eval_seconds": time.perf_counter() - start}
-
-
-def rescore(name: str, run: Path, settings: EvalSettings, grids: Path) -> dict:
-    """Score a run again from its saved samples (report.json + open_colour_grid.png), e.g.
-    after a metric fix, without sampling again: the images are the same, only the scoring runs."""
-    import numpy as np
-    from PIL import Image
-
-    saved = json.loads((grids / name / "report.json").read_text())
-    grid = np.asarray(Image.open(grids / name / "open_colour_grid.png")).astype(np.float32) / 255
-    size = grid.shape[1] // settings.num_views
-    sets = [grid[r * size:(r + 1) * size].reshape(size, settings.num_views, size, 3).transpose(1, 0, 2, 3)
-            for r in range(grid.shape[0] // size)]
-    report = EvalReport()
-    score_open_sets([s["caption"] for s in saved["per_open_set"]], sets, settings, report)
-    saved.update({k: getattr(report, k) for k in ("open_colour_sets", "open_colour_agreement",
-                                                  "open_colour_pairwise", "open_colour_object_views",
-                                                  "per_open_set")})
-    storage.write_json(grids / name / "report.json", saved)
-    mode = json.loads((run / "pipeline" / "unet" / "config.json").read_text())["attention_mode"]
-    return {"run": name, "attention_mode": mode, **training_record(run, tail_steps=100),
-            **{k: saved[k] for k in ("open_colour_sets", "open_colour_agreement", "open_colour_pairwise",
-                                     "open_colour_object_views", "objects", "colour_accuracy", "mean_iou",
-                                     "mean_iou_raw")}, "rescored": True}
 
 
 def main() -> None:
@@ -103,34 +78,37 @@ def main() -> None:
     parser.add_argument("--runs", default="outputs/runs", help="the runs' storage_path")
     parser.add_argument("--names", nargs="+", default=["ablation-3d", "ablation-temporal", "ablation-2d"])
     parser.add_argument("--num-objects", type=int, default=40)
-    parser.add_argument("--open-colour-sets", type=int, default=4, help="4-view sets per shape")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sets", type=int, default=200, help="consistency: 4-view sets per kind and arm")
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--grids", default="outputs/ablation")
-    parser.add_argument("--out", default=str(RESULTS / "attention_ablation.json"))
-    parser.add_argument("--rescore", action="store_true",
-                        help="score the samples saved under --grids again instead of sampling")
+    parser.add_argument("--out", default=str(RESULTS / "attention_ablation_grammar2.json"))
     args = parser.parse_args()
 
     torch.set_num_threads(2)
     settings = EvalSettings(num_objects=args.num_objects, steps=args.steps,
-                            guidance_scale=args.guidance_scale,
-                            open_colour_sets=args.open_colour_sets)
+                            guidance_scale=args.guidance_scale)
+    consistency = ConsistencySettings(sets=args.sets, steps=args.steps, guidance_scale=args.guidance_scale)
     rows = []
     for name in args.names:
-        scorer = rescore if args.rescore else score
-        rows.append(scorer(name, Path(args.runs) / name, settings, Path(args.grids)))
+        rows.append(score(name, Path(args.runs) / name, settings, consistency, Path(args.grids)))
         print(json.dumps(rows[-1]), flush=True)
 
-    print("\n| attention | steps | final loss | views showing an object | colour-open sets agreeing "
-          "| view pairs agreeing | colour correct | silhouette IoU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    kinds = list(consistency.kinds)
+    print("\n| attention | steps | final loss | " + " | ".join(
+        f"{k}: joint / chance (margin)" for k in kinds) + " | colour correct | silhouette IoU |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in kinds) + " | --- | --- |")
     for r in rows:
-        print(f"| {r['attention_mode']} | {r['steps']} | {r['final_loss']:.4f} | {r['open_colour_object_views']:.1%} | "
-              f"{r['open_colour_agreement']:.1%} ({r['open_colour_sets']}) | {r['open_colour_pairwise']:.1%} | "
-              f"{r['colour_accuracy']:.1%} | {r['mean_iou']:.3f} |")
+        cells = []
+        for kind in kinds:
+            c = r["consistency"][kind]
+            lo, hi = c["margin_interval"]
+            cells.append(f"{c['rates']['joint']:.1%} / {c['rates']['independent']:.1%} "
+                         f"({c['margin']:+.1%} [{lo:+.1%}, {hi:+.1%}])")
+        print(f"| {r['attention_mode']} | {r['steps']} | {r['final_loss']:.4f} | " + " | ".join(cells)
+              + f" | {r['colour_accuracy']:.1%} | {r['mean_iou']:.3f} |")
     record = {"benchmark": "attention_ablation", "date": time.strftime("%Y-%m-%d"),
-              "settings": {"num_objects": args.num_objects, "open_colour_sets_per_shape": args.open_colour_sets,
+              "settings": {"num_objects": args.num_objects, "consistency_sets": args.sets,
                            "steps": args.steps, "guidance_scale": args.guidance_scale,
                            "views": settings.num_views, "elevation": settings.elevation},
               "runs": rows}

@@ -4,8 +4,10 @@
 
 Writes `report.json` (colour accuracy per view, silhouette IoU aligned and raw, per object)
 and `grid.png` (each object's generated views above its ground truth) into `out`. With
-`open_colour_sets=N` (default 4) it also samples N 4-view sets of each colour-open caption
-("a cube") and scores cross-view colour agreement (`open_colour_grid.png`).
+`consistency_sets=N` it also runs the multi-view consistency benchmark
+(`mvdream_platform.evaluation.consistency`: colour-open, layout-open and marked captions, N
+4-view sets each, views sampled jointly and independently): `consistency.json` and one grid per
+kind and arm (`consistency_<kind>_<arm>.png`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from mvdream_platform import storage
-from mvdream_platform.evaluation import EvalSettings, evaluate, open_colour_consistency
+from mvdream_platform.evaluation import EvalSettings, evaluate
+from mvdream_platform.evaluation.consistency import ConsistencySettings, run_consistency
 from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 
 from _common import expand_model_argv, model_config_from, save_resolved_config
@@ -30,19 +33,24 @@ def run(cfg: DictConfig) -> dict:
     pipe = build_pipeline(model_cfg, device=pick_device(cfg.device), seed=cfg.seed)
     save_resolved_config(cfg, cfg.out)
     report, grid = evaluate(pipe, settings)
-    if settings.open_colour_sets > 0:
-        open_grid = open_colour_consistency(pipe, settings, report)
-        storage.write_bytes(storage.join(cfg.out, "open_colour_grid.png"), storage.encode_png(open_grid))
     record = report.to_json() | {"model": {"name": model_cfg.name, "path": model_cfg.path,
                                            "trained": model_cfg.trained}}
+    if cfg.consistency_sets > 0:
+        consistency, grids = run_consistency(pipe, ConsistencySettings(
+            sets=cfg.consistency_sets, num_views=settings.num_views, elevation=settings.elevation,
+            steps=settings.steps, guidance_scale=settings.guidance_scale, resolution=settings.resolution,
+            batch_prompts=settings.batch_prompts, seed=settings.seed, shape_seed=settings.shape_seed))
+        storage.write_json(storage.join(cfg.out, "consistency.json"), consistency.to_json())
+        for name, image in grids.items():
+            storage.write_bytes(storage.join(cfg.out, f"consistency_{name}.png"), storage.encode_png(image))
+        record["consistency"] = {kind: {"rates": k.rates, "margin": k.margin, "margin_interval": k.margin_interval}
+                                 for kind, k in consistency.kinds.items()}
+        log.info("multi-view consistency (joint vs views sampled alone):\n%s", consistency.table())
     storage.write_json(storage.join(cfg.out, "report.json"), record)
     storage.write_bytes(storage.join(cfg.out, "grid.png"), storage.encode_png(grid))
     log.info("%d objects, %d views: colour accuracy %.3f (ground truth %.3f), silhouette IoU "
              "%.3f aligned / %.3f raw -> %s", report.objects, report.views, report.colour_accuracy,
              report.gt_colour_accuracy, report.mean_iou, report.mean_iou_raw, cfg.out)
-    if report.open_colour_agreement is not None:
-        log.info("colour-open captions: %d sets, all views agree in %.3f, view pairs agree %.3f",
-                 report.open_colour_sets, report.open_colour_agreement, report.open_colour_pairwise)
     return record
 
 

@@ -15,10 +15,8 @@ from mvdream_platform.evaluation import (
     classify_colour,
     foreground_mask,
     held_out_objects,
-    open_colour_captions,
     render_ground_truth,
     shaded_palette,
-    views_agree,
 )
 
 from jobs_helpers import compose, import_job
@@ -62,7 +60,7 @@ def test_ground_truth_renders_score_perfectly_against_themselves():
 def test_evaluate_job_writes_report_and_grid(tmp_path):
     out = tmp_path / "eval"
     record = import_job("evaluate").run(compose("evaluate", [
-        "model=tiny_init", "num_objects=3", "steps=2", "resolution=16", "open_colour_sets=0",
+        "model=tiny_init", "num_objects=3", "steps=2", "resolution=16",
         f"out={out}"]))
     saved = json.loads((out / "report.json").read_text())
     assert saved["objects"] == 3 and saved["views"] == 12 == record["views"]
@@ -70,30 +68,23 @@ def test_evaluate_job_writes_report_and_grid(tmp_path):
     assert 0.0 <= saved["colour_accuracy"] <= 1.0 and 0.0 <= saved["mean_iou"] <= 1.0
     assert len(saved["per_object"]) == 3 and len(saved["per_object"][0]["views"]) == 4
     assert (out / "grid.png").stat().st_size > 0
-    assert saved["open_colour_agreement"] is None and not (out / "open_colour_grid.png").exists()
+    assert "consistency" not in saved and not (out / "consistency.json").exists()
 
 
-def test_views_agree_counts_sets_and_pairs():
-    assert views_agree(["red"] * 4) == (True, 1.0)
-    assert views_agree(["red", "red", "blue", "blue"]) == (False, pytest.approx(2 / 6))
-    assert views_agree(["red", None, "red", "red"]) == (False, pytest.approx(3 / 6))  # no foreground
-    assert open_colour_captions()[:2] == ["a cube", "a sphere"]
-    assert not any(c in caption for caption in open_colour_captions() for c in COLOURS)
-
-
-def test_evaluate_job_scores_colour_open_consistency(tmp_path):
+def test_evaluate_job_runs_the_consistency_benchmark(tmp_path):
     out = tmp_path / "eval"
     record = import_job("evaluate").run(compose("evaluate", [
-        "model=tiny_init", "num_objects=1", "steps=2", "resolution=16", "open_colour_sets=1",
+        "model=tiny_init", "num_objects=1", "steps=2", "resolution=16", "consistency_sets=2",
         "batch_prompts=10", f"out={out}"]))
-    assert record["open_colour_sets"] == len(open_colour_captions())
-    assert len(record["per_open_set"]) == record["open_colour_sets"]
-    assert all(len(s["colours"]) == 4 for s in record["per_open_set"])
-    expected = sum(s["agree"] for s in record["per_open_set"]) / record["open_colour_sets"]
-    assert record["open_colour_agreement"] == pytest.approx(expected)
-    assert 0.0 <= record["open_colour_pairwise"] <= 1.0
-    grid = np.asarray(Image.open(out / "open_colour_grid.png"))
-    assert grid.shape == (16 * record["open_colour_sets"], 4 * 16, 3)
+    saved = json.loads((out / "consistency.json").read_text())
+    assert set(saved["kinds"]) == set(record["consistency"]) == {"colour", "layout", "marker"}
+    for kind, report in saved["kinds"].items():
+        assert report["sets"] == 2 and len(report["per_set"]["joint"]) == 2
+        assert record["consistency"][kind]["margin"] == pytest.approx(
+            report["rates"]["joint"] - report["rates"]["independent"])
+        assert report["truth_check"] >= 0.5
+        grid = np.asarray(Image.open(out / f"consistency_{kind}_independent.png"))
+        assert grid.shape == (2 * 16, 4 * 16, 3)
 
 
 def test_speckle_is_not_an_object_but_a_render_is():
@@ -110,15 +101,3 @@ def test_speckle_is_not_an_object_but_a_render_is():
     assert not object_present(np.zeros((32, 32), bool))
 
 
-def test_noise_sets_cannot_agree_on_a_colour():
-    from mvdream_platform.evaluation import EvalReport, score_open_sets
-
-    rng = np.random.default_rng(1)
-    noise = [np.clip(0.5 + rng.normal(0, 0.12, (4, 32, 32, 3)), 0, 1) for _ in range(3)]
-    report = EvalReport()
-    score_open_sets(["a cube"] * 3, noise, EvalSettings(), report)
-    assert report.open_colour_agreement == 0.0 and report.open_colour_object_views == 0.0
-    truth = render_ground_truth(held_out_objects(EvalSettings(num_objects=1))[0], EvalSettings(), 32)
-    report = EvalReport()
-    score_open_sets(["a cube"], [truth], EvalSettings(), report)
-    assert report.open_colour_agreement == 1.0 and report.open_colour_object_views == 1.0

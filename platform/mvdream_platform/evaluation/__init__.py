@@ -23,17 +23,11 @@ from .models import (
     EvalSettings,
     evaluate,
     held_out_objects,
-    open_colour_captions,
-    open_colour_consistency,
     render_ground_truth,
-    score_open_sets,
-    view_colour,
-    views_agree,
 )
 
 __all__ = [
     "HELD_OUT_START", "EvalReport", "EvalSettings", "aligned_iou", "classify_colour", "evaluate",
-    "foreground_mask", "held_out_objects", "object_present", "open_colour_captions",
-    "open_colour_consistency", "raw_iou", "render_ground_truth", "score_open_sets",
-    "shaded_palette", "view_colour", "views_agree",
+    "foreground_mask", "held_out_objects", "object_present", "raw_iou", "render_ground_truth",
+    "shaded_palette",
 ]

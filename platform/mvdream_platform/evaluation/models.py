@@ -14,13 +14,7 @@ at the same azimuths and elevation. Per view we score:
 The same colour classifier and mask extraction are applied to the ground truth as a check of
 the metric itself (``gt_colour_accuracy`` should be ~1).
 
-**Cross-view consistency** (:func:`open_colour_consistency`, the paper's attention ablation at
-our scale): for captions that leave the colour open ("a cube"), the model must pick a colour,
-and a multi-view model should pick the same one in every view. We sample several 4-view sets
-per shape and report the share of sets whose views all get the same palette colour, and the
-share of agreeing view pairs. No ground truth is needed. A view must show an object (one
-connected shape, :func:`object_present`) to have a colour at all: an undertrained model's
-speckle would otherwise classify as one colour everywhere and pass for perfect agreement.
+Cross-view consistency has a benchmark of its own: :mod:`.consistency`.
 """
 
 from __future__ import annotations
@@ -37,7 +31,6 @@ from .metrics import (
     aligned_iou,
     classify_colour,
     foreground_mask,
-    object_present,
     raw_iou,
     shaded_palette,
 )
@@ -58,7 +51,6 @@ class EvalSettings:
     gt_fill: float = 1.075  # middle of the training range 1..1.15
     foreground_threshold: float = 0.12  # colour distance from the background, in [0, 1]
     batch_prompts: int = 8
-    open_colour_sets: int = 0  # 4-view sets per shape for the colour-open consistency score
 
 
 @dataclass
@@ -70,12 +62,6 @@ class EvalReport:
     mean_iou_raw: float = 0.0
     gt_colour_accuracy: float = 0.0
     per_object: list[dict[str, Any]] = field(default_factory=list)
-    # Colour-open captions (only when EvalSettings.open_colour_sets > 0).
-    open_colour_sets: int = 0
-    open_colour_agreement: float | None = None  # share of sets whose views all agree
-    open_colour_pairwise: float | None = None  # share of agreeing view pairs
-    open_colour_object_views: float | None = None  # share of views that show an object at all
-    per_open_set: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,78 +141,3 @@ def evaluate(pipe, settings: EvalSettings, progress: bool = True) -> tuple[EvalR
     report.mean_iou_raw = float(np.mean(raw_ious)) if raw_ious else 0.0
     grid = (np.concatenate(rows, 0) * 255).round().clip(0, 255).astype(np.uint8)
     return report, grid
-
-
-
-def open_colour_captions() -> list[str]:
-    """One caption per procedural shape with the colour left open: "a cube", "a sphere", ..."""
-    from ..data.shapes import SHAPES
-
-    return [("an " if shape[0] in "aeiou" else "a ") + shape for shape in SHAPES]
-
-
-def views_agree(colours: list[str | None]) -> tuple[bool, float]:
-    """(all views got the same colour, share of view pairs that agree); None never agrees."""
-    pairs = [(a, b) for i, a in enumerate(colours) for b in colours[i + 1:]]
-    agreeing = sum(a is not None and a == b for a, b in pairs)
-    return (len(colours) > 0 and None not in colours and len(set(colours)) == 1,
-            agreeing / len(pairs) if pairs else 1.0)
-
-
-def view_colour(view: np.ndarray, settings: EvalSettings, palette) -> str | None:
-    """The dominant palette colour of a view's object, or None when no object is present."""
-    mask = foreground_mask(view, settings.foreground_threshold)
-    return classify_colour(view[mask], palette) if object_present(mask) else None
-
-
-def score_open_sets(captions: list[str], sets: list[np.ndarray], settings: EvalSettings,
-                    report: EvalReport) -> None:
-    """Fill ``report``'s open-colour fields from sampled 4-view sets.
-
-    Args:
-        captions: one per set.
-        sets: per set (F, H, W, 3) floats in [0, 1].
-    A view without an object (:func:`object_present`) has no colour, so its set cannot agree:
-    noise must not pass for consistency.
-    """
-    palette = shaded_palette()
-    all_agree, pairwise, present = [], [], []
-    for caption, views in zip(captions, sets):
-        colours = [view_colour(v, settings, palette) for v in views]
-        agree, share = views_agree(colours)
-        all_agree.append(agree)
-        pairwise.append(share)
-        present += [c is not None for c in colours]
-        report.per_open_set.append({"caption": caption, "colours": colours, "agree": agree})
-    report.open_colour_sets = len(all_agree)
-    report.open_colour_agreement = float(np.mean(all_agree)) if all_agree else None
-    report.open_colour_pairwise = float(np.mean(pairwise)) if pairwise else None
-    report.open_colour_object_views = float(np.mean(present)) if present else None
-
-
-def open_colour_consistency(pipe, settings: EvalSettings, report: EvalReport,
-                            progress: bool = True) -> np.ndarray:
-    """Sample the colour-open sets and score them (:func:`score_open_sets`); returns a
-    (N*H, F*W, 3) uint8 grid of the sets (one set per row).
-
-    Each shape's caption is sampled ``settings.open_colour_sets`` times (different noise) at the
-    evaluation cameras.
-    """
-    from tqdm import tqdm
-
-    prompts = [c for c in open_colour_captions() for _ in range(settings.open_colour_sets)]
-    resolution = settings.resolution or pipe.default_size
-    sets = []
-    chunks = range(0, len(prompts), settings.batch_prompts)
-    for start in tqdm(chunks, desc="open-colour sets", disable=not progress):
-        chunk = prompts[start:start + settings.batch_prompts]
-        # A seed stream apart from evaluate()'s, so both parts can change independently.
-        generator = torch.Generator().manual_seed(settings.seed + 1_000_003 + start)
-        generated = pipe(chunk, num_views=settings.num_views, elevation=settings.elevation,
-                         num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                         height=resolution, width=resolution, generator=generator,
-                         output_type="np").images  # (B, F, H, W, 3)
-        sets += list(generated)
-    score_open_sets(prompts, sets, settings, report)
-    rows = [np.concatenate(list(views), 1) for views in sets]
-    return (np.concatenate(rows, 0) * 255).round().clip(0, 255).astype(np.uint8)
