@@ -137,7 +137,7 @@ def genus(mesh: trimesh.Trimesh) -> int | None:
     """
     if mesh is None or len(mesh.faces) == 0:
         return None
-    return _largest_genus(mesh.split(only_watertight=False))
+    return _largest_genus(mesh.split(only_watertight=False, repair=False))
 
 
 def _largest_genus(components: list[trimesh.Trimesh]) -> int | None:
@@ -159,7 +159,7 @@ def compare_geometry(mesh: trimesh.Trimesh | None, truth: trimesh.Trimesh, *, re
     """
     genus_truth = genus(truth)
     reason = is_degenerate(mesh)
-    components = [] if mesh is None or len(mesh.faces) == 0 else mesh.split(only_watertight=False)
+    components = [] if mesh is None or len(mesh.faces) == 0 else mesh.split(only_watertight=False, repair=False)
     if reason is not None:
         return {"volume_iou": 0.0, "chamfer": None, "genus": None, "genus_truth": genus_truth,
                 "topology_ok": False, "components": len(components), "alignment": None, "error": reason}
