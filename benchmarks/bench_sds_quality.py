@@ -5,15 +5,21 @@ For single-primitive prompts of the procedural vocabulary, runs the real text-to
 model twice per prompt and seed, same budget: ``guidance=mvdream`` (4 views 90 degrees apart
 through the model's 3D attention and camera conditioning) and ``guidance=dreamfusion`` (the
 same model one view at a time, 2D attention, no camera, view-dependent prompt suffixes). Each
-NeRF is rendered at 8 held-out orbit views and scored against ground-truth renders of the
-prompt's object: aligned silhouette IoU and dominant-colour accuracy. Targets (multi-view):
-IoU >= 0.6, colour right in >= 90% of views. The untrained field (the density "blob") is
-scored too, as the floor every number should be read against: a compact blob already
-overlaps a compact object well once both are cropped to their boxes (aligned IoU), so the raw
-IoU (same cameras, same pixels) is the stricter shape measure. Writes
+NeRF is scored by the procedural scorer the job uses
+(:class:`mvdream_platform.evaluation.text_to_3d.ProceduralScorer`, injected into the run): at 8
+held-out orbit views against ground-truth renders of the prompt's object, aligned silhouette
+IoU and dominant-colour accuracy; in 3D, the exported mesh's volume IoU, Chamfer distance and
+genus against the true mesh; and for marked prompts ("a red cube with a yellow front") the
+Janus verdict (is the marker on one side, at the front?). Targets (multi-view): IoU >= 0.6,
+colour right in >= 90% of views. The untrained field (the density "blob") is scored too, as
+the floor every number should be read against: a compact blob already overlaps a compact
+object well once both are cropped to their boxes (aligned IoU), so the raw IoU (same cameras,
+same pixels) and the volume IoU are the stricter shape measures. Writes
 results/sds_quality.json and prints a table; every run's assets stay under --out.
 
     .venv/bin/python benchmarks/bench_sds_quality.py [--steps 400] [--seeds 0] [--prompts ...]
+    .venv/bin/python benchmarks/bench_sds_quality.py --prompts "a red cube with a yellow front" \
+        "a blue sphere with a white front" --seeds 0 1 2       # the Janus rate, per guidance
 """
 
 from __future__ import annotations
@@ -22,15 +28,18 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from mvdream_platform.evaluation.text_to_3d import ProceduralScorer, headline
 from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.sds.config import SDSConfig
+from mvdream_platform.sds.export import extract_mesh
 from mvdream_platform.sds.optimize import build_scene
-from mvdream_platform.sds.pipeline import run_text_to_3d, score_against_truth
+from mvdream_platform.sds.pipeline import FinishedRun, run_text_to_3d
 
 from machine_info import describe
 
@@ -46,6 +55,34 @@ def sds_config(kind: str, steps: int) -> SDSConfig:
     return SDSConfig.from_dict(values)
 
 
+def floor_quality(prompt: str, seed: int, scorer: ProceduralScorer) -> dict | None:
+    """The untrained field's scores (its mesh too, when the blob crosses the threshold)."""
+    cfg = sds_config("mvdream", 1)
+    scene = build_scene(cfg, seed=seed)
+    nerf = scene.field
+    try:
+        mesh = extract_mesh(nerf.density, lambda p: nerf(p).albedo, radius=cfg.field.radius,
+                            resolution=cfg.export.mesh_resolution, threshold=cfg.export.mesh_threshold)
+    except ValueError:
+        mesh = None
+    return scorer(FinishedRun.of_scene(scene, cfg, prompt, None, seed=seed, mesh=mesh))
+
+
+def row_of(prompt: str, seed: int, guidance: str, quality: dict, seconds: float, out: str | None) -> dict:
+    scores = headline(quality)
+    return {"prompt": prompt, "seed": seed, "guidance": guidance, "iou": scores["iou"],
+            "iou_raw": scores["iou_raw"], "colour_accuracy": scores["colour_accuracy"],
+            "volume_iou": scores["volume_iou"], "chamfer": scores["chamfer"],
+            "topology_ok": scores["topology_ok"], "janus": scores.get("janus"),
+            "janus_free": scores.get("janus_free"),
+            "colours": [v["colour"] for v in quality["views"]], "seconds": seconds, "out": out}
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
@@ -58,46 +95,55 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    scorer = ProceduralScorer()
     rows = []
     for prompt in args.prompts:
         for seed in args.seeds:
-            floor = score_against_truth(build_scene(sds_config("mvdream", 1), seed=seed), sds_config("mvdream", 1), prompt)
-            rows.append({"prompt": prompt, "seed": seed, "guidance": "init (blob, 0 steps)",
-                         "iou": floor["mean_iou"], "iou_raw": floor["mean_iou_raw"],
-                         "colour_accuracy": floor["colour_accuracy"],
-                         "colours": [v["colour"] for v in floor["views"]], "seconds": 0.0, "out": None})
+            floor = floor_quality(prompt, seed, scorer)
+            if floor is None:
+                parser.error(f"{prompt!r} is not a prompt of the procedural vocabulary (no ground truth)")
+            rows.append(row_of(prompt, seed, "init (blob, 0 steps)", floor, 0.0, None))
             for kind in ("mvdream", "dreamfusion"):  # interleaved: drift hits both alike
                 pipe = MVDreamPipeline.from_pretrained(args.model)  # fresh: guidance freezes it
                 pipe.set_progress_bar_config(disable=True)
                 out = str(Path(args.out) / f"{kind}-{prompt.replace(' ', '_')}-s{seed}")
-                record = run_text_to_3d(prompt, pipe, sds_config(kind, args.steps), out, seed=seed,
-                                        progress=False)
-                q = record["quality"]
-                rows.append({"prompt": prompt, "seed": seed, "guidance": kind, "iou": q["mean_iou"],
-                             "iou_raw": q["mean_iou_raw"], "colour_accuracy": q["colour_accuracy"],
-                             "colours": [v["colour"] for v in q["views"]],
-                             "seconds": record["total_seconds"], "out": out})
+                result = run_text_to_3d(prompt, pipe, sds_config(kind, args.steps), out, seed=seed,
+                                        progress=False, scorer=scorer)
+                rows.append(row_of(prompt, seed, kind, result.quality, result.total_seconds, out))
                 print(json.dumps(rows[-1]), flush=True)
 
     summary = {}
     for kind in ("mvdream", "dreamfusion", "init (blob, 0 steps)"):
         mine = [r for r in rows if r["guidance"] == kind]
-        summary[kind] = {"runs": len(mine), "mean_iou": statistics.mean(r["iou"] for r in mine),
-                         "mean_iou_raw": statistics.mean(r["iou_raw"] for r in mine),
-                         "colour_accuracy": statistics.mean(r["colour_accuracy"] for r in mine),
+        marked = [r for r in mine if r["janus"] is not None]
+        summary[kind] = {"runs": len(mine), "mean_iou": mean_of(mine, "iou"),
+                         "mean_iou_raw": mean_of(mine, "iou_raw"),
+                         "colour_accuracy": mean_of(mine, "colour_accuracy"),
+                         "volume_iou": mean_of(mine, "volume_iou"), "chamfer": mean_of(mine, "chamfer"),
+                         "topology_ok": mean_of(mine, "topology_ok"),
+                         "marked_runs": len(marked), "janus_free": mean_of(marked, "janus_free"),
                          "seconds_per_run": statistics.median(r["seconds"] for r in mine)}
-    print("\n| prompt | seed | guidance | silhouette IoU (aligned / raw) | colour correct |")
-    print("| --- | --- | --- | --- | --- |")
+
+    def cell(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    print("\n| prompt | seed | guidance | silhouette IoU (aligned / raw) | colour correct | volume IoU | "
+          "Chamfer | genus ok | Janus |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['prompt']} | {r['seed']} | {r['guidance']} | {r['iou']:.3f} / {r['iou_raw']:.3f} | "
-              f"{r['colour_accuracy']:.0%} |")
+              f"{r['colour_accuracy']:.0%} | {r['volume_iou']:.3f} | {cell(r['chamfer'], '.3f')} | "
+              f"{'yes' if r['topology_ok'] else 'no'} | {r['janus'] or '-'} |")
     for kind, s in summary.items():
+        janus = "-" if s["janus_free"] is None else f"{s['janus_free']:.0%} Janus-free of {s['marked_runs']}"
         print(f"| **mean** | | **{kind}** | **{s['mean_iou']:.3f}** / {s['mean_iou_raw']:.3f} | "
-              f"**{s['colour_accuracy']:.0%}** |")
+              f"**{s['colour_accuracy']:.0%}** | {s['volume_iou']:.3f} | {cell(s['chamfer'], '.3f')} | "
+              f"{s['topology_ok']:.0%} | {janus} |")
     record = {"benchmark": "sds_quality", "date": time.strftime("%Y-%m-%d"),
               "machine": describe(threads=args.threads),
               "settings": {"steps": args.steps, "seeds": args.seeds, "sds_config": "conf/sds/tiny.yaml",
-                           "model": "checkpoints/tiny", "views_scored": 8},
+                           "model": "checkpoints/tiny", "views_scored": 8,
+                           "scorer": asdict(scorer)},
               "targets": {"iou": 0.6, "colour_accuracy": 0.9}, "summary": summary, "runs": rows}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -85,31 +85,29 @@ def score_multiview(pipe, mesh, prompt: str, seeds: int, guidance: float, steps:
 
 
 def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
-    """Multi-view SDS of the identifier prompt, scored against the subject at held-out views."""
+    """Multi-view SDS of the identifier prompt, scored against the subject at held-out views
+    (a scorer injected into the run: the finished field's albedo against the subject's renders)."""
     from mvdream_platform.data import render
     from mvdream_platform.evaluation import classify_colour, shaded_palette
     from mvdream_platform.evaluation.text_to_3d import evaluation_orbit, score_views
-    from mvdream_platform.sds.checkpoint import load_checkpoint
     from mvdream_platform.sds.config import sds_config_for
-    from mvdream_platform.sds.optimize import build_scene, render_orbit
     from mvdream_platform.sds.pipeline import run_text_to_3d
+
+    def against_subject(run) -> dict:
+        c2w = evaluation_orbit(run.views, run.elevation_deg, run.distance)
+        views = run.render(c2w, run.resolution)
+        rgba = render.render_views(mesh, c2w, run.fovy_deg, run.resolution, antialias=2)
+        truth = rgba[..., 3] > 127
+        expected = classify_colour(rgba[..., :3][truth] / 255, shaded_palette())
+        return score_views(views["albedo"], views["opacity"], truth, expected)
 
     sds = yaml.safe_load((REPO / "conf" / "sds" / "tiny.yaml").read_text())
     cfg = sds_config_for({"sds": sds, "steps": steps, "guidance": "mvdream", "guidance_scale": None})
-    record = run_text_to_3d(prompt, pipe, cfg, str(out), seed=0, progress=False)
-    # The finished field, reloaded from the run's last checkpoint.
-    scene = build_scene(cfg, seed=0)
-    load_checkpoint(str(out / "checkpoints"), scene.modules(), None)
-    resolution = cfg.export.turntable_resolution
-    c2w = evaluation_orbit(cfg.export.quality_views, cfg.cameras.eval_elevation, cfg.cameras.eval_distance)
-    views = render_orbit(scene, cfg, len(c2w), resolution, shading="albedo", c2w=c2w)
-    rgba = render.render_views(mesh, c2w, cfg.cameras.eval_fovy, resolution, antialias=2)
-    truth = rgba[..., 3] > 127
-    expected = classify_colour(rgba[..., :3][truth] / 255, shaded_palette())
-    scores = score_views(views["albedo"], views["opacity"], truth, expected)
+    result = run_text_to_3d(prompt, pipe, cfg, str(out), seed=0, progress=False, scorer=against_subject)
+    scores = result.quality
     return {"iou": scores["mean_iou"], "iou_raw": scores["mean_iou_raw"],
-            "colour_accuracy": scores["colour_accuracy"], "expected_colour": expected,
-            "seconds": record["total_seconds"]}
+            "colour_accuracy": scores["colour_accuracy"], "expected_colour": scores["expected_colour"],
+            "seconds": result.total_seconds}
 
 
 def score_procedural(pipe, objects: int, guidance: float, steps: int) -> dict:

@@ -7,7 +7,11 @@
 
 ``model`` is a name from conf/model/ (tiny, sd21_base, ...) or an MVDreamPipeline folder
 (path or fsspec URI; rewritten to ``model=trained model.path=...`` before Hydra composes). Writes mesh.{glb,obj,ply}, turntable.{gif,mp4}, multiview.png, metrics.json and
-resumable field checkpoints into ``out``; rerunning with the same ``out`` resumes.
+resumable field checkpoints into ``out``; rerunning with the same ``out`` resumes. With
+``score=true`` (default), prompts of the procedural vocabulary ("a red cube", "a red cube with a
+yellow front") are scored against their ground truth (views, 3D geometry, the Janus verdict:
+:class:`mvdream_platform.evaluation.text_to_3d.ProceduralScorer`), adding quality.png (and
+janus.png for marked prompts). Prints every file it wrote.
 """
 
 from __future__ import annotations
@@ -22,20 +26,38 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage, sweeps
+from mvdream_platform.evaluation.text_to_3d import ProceduralScorer, headline
 from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 from mvdream_platform.sds.config import SDSConfig, sds_config_for
-from mvdream_platform.sds.pipeline import run_text_to_3d
+from mvdream_platform.sds.pipeline import TextTo3DResult, run_text_to_3d
 from mvdream_platform.tracking import start_tracking
 
 from _common import expand_model_argv, model_config_from, save_resolved_config
 
 log = logging.getLogger("text_to_3d")
 
+# What each file of the output folder is (printed after the run).
+FILES = {
+    "config.yaml": "the resolved job config",
+    "mesh.glb": "mesh, binary glTF (+y up) with vertex colours",
+    "mesh.obj": "mesh, OBJ (z up) with vertex colours",
+    "mesh.ply": "mesh, binary PLY (z up) with vertex colours",
+    "turntable.gif": "360-degree turntable of the albedo, looping GIF",
+    "turntable.mp4": "360-degree turntable of the albedo, H.264",
+    "multiview.png": "4 views 90 degrees apart, from the front",
+    "quality.png": "held-out views: the NeRF (top) against the ground truth (bottom)",
+    "janus.png": "the Janus orbit (16 views from the front): the NeRF (top), the ground truth (bottom)",
+    "metrics.json": "the run record: steps, seconds, final losses, assets, quality",
+    "checkpoints/": "the field's checkpoints (rerun with the same out= to resume)",
+    "tracking/": "the run's tracking: metrics.jsonl, renders, W&B offline run",
+}
+
+
 def sds_config_from(cfg: DictConfig) -> SDSConfig:
     return sds_config_for(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> TextTo3DResult:
     sds = sds_config_from(cfg)
     sds.validate()
     model = model_config_from(cfg.model)
@@ -52,19 +74,44 @@ def run(cfg: DictConfig) -> dict:
                              # one W&B run per output folder, continued when the job resumes
                              resume_id=f"t23d-{zlib.crc32(str(cfg.out).encode()):08x}")
     try:
-        record = run_text_to_3d(cfg.prompt, pipe, sds, cfg.out, seed=cfg.seed, device=device,
-                                tracker=tracker, progress=cfg.progress)
+        result = run_text_to_3d(cfg.prompt, pipe, sds, cfg.out, seed=cfg.seed, device=device,
+                                tracker=tracker, progress=cfg.progress,
+                                scorer=ProceduralScorer() if cfg.score else None)
+        if result.quality is not None:  # flat numbers beside the run's final loss
+            tracker.summary(headline(result.quality))
     finally:
         tracker.finish()
-    for name in ("mesh.glb", "turntable.gif"):
-        if name in record["assets"]:
-            print(f"{name}: {record['assets'][name]}")
-    print(f"metrics: {storage.join(cfg.out, 'metrics.json')}")
-    if "quality" in record:
-        q = record["quality"]
-        log.info("vs ground truth (%s): silhouette IoU %.3f (raw %.3f), colour correct %.0f%%",
-                 q["object"], q["mean_iou"], q["mean_iou_raw"], 100 * q["colour_accuracy"])
-    return record
+    print(f"wrote {cfg.out}:")
+    for name, description in FILES.items():
+        if name in result.assets or storage.exists(storage.join(cfg.out, name.rstrip("/"))):
+            print(f"  {name:<14} {description}")
+    if "mesh_error" in result.assets:
+        print(f"  (no mesh: {result.assets['mesh_error']})")
+    if result.quality is not None:
+        print(quality_line(result.quality))
+    elif cfg.score:
+        print(f"no ground truth for {cfg.prompt!r} (not a prompt of the procedural vocabulary): no quality scores")
+    return result
+
+
+def quality_line(quality: dict) -> str:
+    """One line: the scores against ground truth, the Janus verdict beside IoU for marked prompts."""
+    h = headline(quality)
+    line = f"vs ground truth ({quality['object']}): silhouette IoU {h['iou']:.3f} (raw {h['iou_raw']:.3f})"
+    janus = quality.get("janus")
+    if janus is not None:
+        side = ""
+        if janus["verdict"] == "single":
+            side = f", {'at the front' if janus['front_correct'] else 'not at the front'} (centre {janus['centre']:+.0f} deg)"
+        line += f", Janus: {janus['verdict']}{side}"
+    line += f", colour correct {100 * h['colour_accuracy']:.0f}%, volume IoU {h['volume_iou']:.3f}"
+    if h["chamfer"] is not None:
+        line += f", Chamfer {h['chamfer']:.3f}"
+    genus, truth = quality["genus"], quality["genus_truth"]
+    line += f", genus {'?' if genus is None else genus} (truth {truth})"
+    if quality["geometry"].get("error"):
+        line += f" [{quality['geometry']['error']}]"
+    return line
 
 
 @hydra.main(config_path="../conf", config_name="text_to_3d", version_base="1.3")

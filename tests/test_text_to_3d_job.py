@@ -1,4 +1,4 @@
-"""jobs/text_to_3d.py end to end on the shipped tiny model: assets, metrics, resume, baseline."""
+"""jobs/text_to_3d.py end to end on the shipped tiny model: assets, metrics, scores, resume, baseline."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ FAST = [
 ]
 
 
-def _run(tmp_path: Path, name: str, *overrides: str) -> dict:
+def _run(tmp_path: Path, name: str, *overrides: str):
     out = tmp_path / name
     return import_job("text_to_3d").run(compose("text_to_3d", FAST + [f"out={out}", *overrides]))
 
@@ -36,9 +36,10 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / latest["modules"])
 
 
-def test_job_writes_every_asset_and_ground_truth_metrics(tmp_path):
+def test_job_writes_every_asset_and_ground_truth_metrics(tmp_path, capsys):
     record = _run(tmp_path, "red", 'prompt="a red cube"', "steps=4", "sds.export.mesh_threshold=0.5")
     out = tmp_path / "red"
+    printed = capsys.readouterr().out
     mesh = trimesh.load(out / "mesh.glb", force="mesh")
     assert len(mesh.faces) > 0
     for name in ("mesh.obj", "mesh.ply"):
@@ -51,8 +52,16 @@ def test_job_writes_every_asset_and_ground_truth_metrics(tmp_path):
     quality = saved["quality"]
     assert quality["object"] == "a red cube" and len(quality["views"]) == 4
     assert 0.0 <= quality["mean_iou"] <= 1.0 and 0.0 <= quality["colour_accuracy"] <= 1.0
-    assert record["quality"] == quality
-    assert (out / "quality.png").is_file()
+    assert 0.0 <= quality["volume_iou"] <= 1.0 and quality["genus_truth"] == 0
+    assert quality["topology_ok"] == (quality["genus"] == 0) and "janus" not in quality  # no marker
+    assert record.quality == quality and record.to_json() == saved
+    assert (out / "quality.png").is_file() and not (out / "janus.png").exists()
+    # every file written is printed with what it is, and the scores beside the object
+    for name in ("config.yaml", "mesh.glb", "mesh.obj", "mesh.ply", "turntable.gif", "turntable.mp4",
+                 "multiview.png", "quality.png", "metrics.json", "checkpoints/"):
+        assert any(line.split()[:1] == [name] and len(line.split()) > 2 for line in printed.splitlines()), name
+    assert "janus.png" not in printed
+    assert "vs ground truth (a red cube): silhouette IoU" in printed and "volume IoU" in printed
     # metrics.jsonl from the local tracker: one line per step (log_every=1)
     steps = [json.loads(line)["step"] for line in (out / "tracking" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -61,17 +70,37 @@ def test_job_writes_every_asset_and_ground_truth_metrics(tmp_path):
     assert (out / "tracking" / "media" / "renders_4.png").is_file()  # renders of the eval orbit
 
 
-def test_prompts_outside_the_vocabulary_get_no_made_up_quality(tmp_path):
+def test_a_marked_prompt_gets_the_janus_verdict_beside_iou(tmp_path, capsys):
+    record = _run(tmp_path, "marked", 'prompt="a red cube with a yellow front"', "steps=2")
+    out = tmp_path / "marked"
+    janus = json.loads((out / "metrics.json").read_text())["quality"]["janus"]
+    assert janus == record.quality["janus"]
+    assert janus["verdict"] in ("single", "multiple", "none", "everywhere") and janus["truth_verdict"] == "single"
+    assert len(janus["shares"]) == 16 and janus["marker"] == "yellow" and janus["body"] == "red"
+    assert iio.imread(out / "janus.png").shape == (64, 16 * 32, 3)
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("vs ground truth"))
+    assert f"Janus: {janus['verdict']}" in line and line.index("silhouette IoU") < line.index("Janus")
+    assert any(line.split()[:1] == ["janus.png"] for line in printed.splitlines())
+
+
+def test_prompts_outside_the_vocabulary_get_no_made_up_quality(tmp_path, capsys):
     record = _run(tmp_path, "dog", 'prompt="a photo of a dog"', "steps=1")
-    assert "quality" not in record
+    assert record.quality is None
     assert "quality" not in json.loads((tmp_path / "dog" / "metrics.json").read_text())
+    assert "no ground truth for 'a photo of a dog'" in capsys.readouterr().out
+
+
+def test_score_false_skips_the_ground_truth(tmp_path):
+    record = _run(tmp_path, "unscored", "steps=1", "score=false")
+    assert record.quality is None and not (tmp_path / "unscored" / "quality.png").exists()
 
 
 def test_resume_equals_an_uninterrupted_run_and_same_seed_same_field(tmp_path):
     _run(tmp_path, "straight", "steps=4")
     _run(tmp_path, "resumed", "steps=2")
     resumed = _run(tmp_path, "resumed", "steps=4")
-    assert resumed["resumed_from"] == 2
+    assert resumed.resumed_from == 2
     straight, again = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert straight.keys() == again.keys()
     for key in straight:
@@ -80,7 +109,7 @@ def test_resume_equals_an_uninterrupted_run_and_same_seed_same_field(tmp_path):
 
 def test_dreamfusion_baseline_runs_the_same_job(tmp_path):
     record = _run(tmp_path, "df", "guidance=dreamfusion", "steps=2")
-    assert record["guidance"] == "dreamfusion" and record["final"]["step"] == 2
+    assert record.guidance == "dreamfusion" and record.final["step"] == 2
 
 
 def test_model_may_be_a_config_name_or_a_pipeline_folder(tmp_path):
@@ -91,7 +120,7 @@ def test_model_may_be_a_config_name_or_a_pipeline_folder(tmp_path):
     assert expanded == ["model=trained", f"model.path={folder}"]
     record = import_job("text_to_3d").run(compose("text_to_3d", [o for o in FAST if o != "model=tiny"]
                                                   + expanded + [f"out={tmp_path / 'p'}", "steps=1"]))
-    assert record["final"]["step"] == 1
+    assert record.final["step"] == 1
 
 
 def test_bad_input_is_rejected_by_name(tmp_path):
@@ -106,14 +135,19 @@ def test_bad_input_is_rejected_by_name(tmp_path):
         job.run(compose("text_to_3d", FAST + [f"out={tmp_path / 'x'}", "+sds.cameras.bogus=1"]))
 
 
-def test_on_log_reports_every_window_and_the_committed_checkpoints(tmp_path):
+def test_on_log_reports_every_window_and_without_a_scorer_nothing_is_scored(tmp_path):
+    """The library call Serve makes: no scorer, so even a procedural prompt gets no quality."""
     from mvdream_platform.pipelines.loading import build_pipeline
-    from mvdream_platform.sds.pipeline import run_text_to_3d
+    from mvdream_platform.sds import run_text_to_3d
 
     job, common = import_job("text_to_3d"), import_job("_common")
     cfg = compose("text_to_3d", FAST + [f"out={tmp_path / 'cb'}", "steps=4"])
     calls = []
-    run_text_to_3d("a red cube", build_pipeline(common.model_config_from(cfg.model)), job.sds_config_from(cfg),
-                   str(tmp_path / "cb"), progress=False, on_log=lambda m, ck: calls.append((m["step"], ck)))
+    result = run_text_to_3d("a red cube", build_pipeline(common.model_config_from(cfg.model)),
+                            job.sds_config_from(cfg), str(tmp_path / "cb"), progress=False,
+                            on_log=lambda m, ck: calls.append((m["step"], ck)))
     folder = str(tmp_path / "cb" / "checkpoints")
     assert calls == [(1, None), (2, folder), (3, None), (4, folder)]  # checkpoint_every=2
+    assert result.quality is None and result.steps == 4 and result.final_loss == result.final["loss"]
+    assert "quality" not in json.loads((tmp_path / "cb" / "metrics.json").read_text())
+    assert not (tmp_path / "cb" / "quality.png").exists()

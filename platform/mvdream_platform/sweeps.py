@@ -8,8 +8,8 @@ Each job writes into its own folder, ``<sweep dir>/<job num>`` unless its comman
 config) records every job's end in ``job.json`` inside that job's Hydra folder (status,
 overrides, error, seconds, host and pid, Ray task id) and, when the sweep ends, reads them with
 each job's ``metrics.json`` into ``<sweep dir>/summary.csv`` and ``summary.md``: one row per job
-(overrides, prompt, seed, final loss, silhouette IoU and colour accuracy when scored, seconds,
-output folder), failed jobs included.
+(overrides, prompt, seed, final loss; silhouette IoU, colour accuracy, volume IoU and the Janus
+verdict when scored; seconds, output folder), failed jobs included.
 
 Plain Python on purpose: nothing here imports Hydra or OmegaConf; the callback only reads the
 config and job-return objects that Hydra hands it.
@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 COLUMNS = ("job", "status", "overrides", "prompt", "seed", "final_loss", "iou", "colour_accuracy",
-           "seconds", "out", "error", "host", "pid")
+           "volume_iou", "janus", "seconds", "out", "error", "host", "pid")
 _MARKDOWN = {"job": "job", "status": "status", "overrides": "overrides", "prompt": "prompt", "seed": "seed",
-             "final_loss": "final loss", "iou": "IoU", "colour_accuracy": "colour", "seconds": "seconds",
-             "out": "out"}
+             "final_loss": "final loss", "iou": "IoU", "colour_accuracy": "colour", "volume_iou": "volume IoU",
+             "janus": "Janus", "seconds": "seconds", "out": "out"}
 
 
 def override_key(override: str) -> str:
@@ -88,7 +88,9 @@ def read_job_records(sweep_dir: str | os.PathLike, sweep_id: str | None = None) 
 
 
 def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One table row per job record, with the metrics from its ``<out>/metrics.json`` if any.
+    """One table row per job record, with the metrics from its ``<out>/metrics.json`` if any
+    (:meth:`mvdream_platform.sds.pipeline.TextTo3DResult.to_json`; read as JSON here, so this
+    module stays free of torch).
 
     ``overrides`` lists only what differs between the jobs (the swept values); overrides that
     every job shares are left out (all of them when there is a single job).
@@ -104,7 +106,8 @@ def summary_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "overrides": " ".join(o for o in record["overrides"] if o not in shared),
             "prompt": metrics.get("prompt"), "seed": metrics.get("seed"),
             "final_loss": final.get("loss"), "iou": quality.get("mean_iou"),
-            "colour_accuracy": quality.get("colour_accuracy"),
+            "colour_accuracy": quality.get("colour_accuracy"), "volume_iou": quality.get("volume_iou"),
+            "janus": (quality.get("janus") or {}).get("verdict"),
             "seconds": record.get("seconds") if record.get("seconds") is not None else metrics.get("total_seconds"),
             "out": record.get("out"), "error": record.get("error"),
             "host": record.get("host"), "pid": record.get("pid"),

@@ -2,7 +2,9 @@
 
 Plain Python (no Serve): the worker deployment calls :func:`run_job` in a thread, tests may
 call it directly. A job is resumable because :func:`mvdream_platform.sds.pipeline.run_text_to_3d`
-resumes from the field checkpoints in the job's ``out/`` folder.
+resumes from the field checkpoints in the job's ``out/`` folder. Serve scores nothing: user
+prompts have no ground truth, so no scorer is passed (evaluation is for jobs, benchmarks and
+Tune).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
         latest = read_latest(storage.join(store.out(job_id), CHECKPOINTS))
         first_step = [int(latest["step"]) if latest else 0]  # ETA counts this attempt's steps only
         try:
-            record = run_text_to_3d(request["prompt"], pipe, cfg, store.out(job_id),
+            result = run_text_to_3d(request["prompt"], pipe, cfg, store.out(job_id),
                                     seed=int(request["options"].get("seed", 0)), device=device,
                                     progress=False, on_log=on_log)
         except JobCancelled:
@@ -147,16 +149,11 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
             beat.update(phase="done")
             beat.write()
             return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-        assets = sorted(name for name in record["assets"] if "." in name and not name.endswith("_error"))
-        for extra in ("metrics.json", "quality.png"):
-            if storage.exists(storage.join(store.out(job_id), extra)):
-                assets.append(extra)
-        metrics = {"steps": record["steps"], "resumed_from": record["resumed_from"],
-                   "total_seconds": record["total_seconds"],
-                   "final_loss": (record.get("final") or {}).get("loss")}
-        if "quality" in record:
-            metrics["quality"] = {k: record["quality"][k] for k in ("mean_iou", "mean_iou_raw", "colour_accuracy")
-                                  if k in record["quality"]}
+        assets = result.files()
+        if storage.exists(storage.join(store.out(job_id), "metrics.json")):
+            assets.append("metrics.json")
+        metrics = {"steps": result.steps, "resumed_from": result.resumed_from,
+                   "total_seconds": result.total_seconds, "final_loss": result.final_loss}
         store.write_result(job_id, {"assets": sorted(assets), "metrics": metrics,
                                     "attempt": attempt, "owner": owner})
         beat.update(phase="done", step=cfg.steps, eta_s=0.0)

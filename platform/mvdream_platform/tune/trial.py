@@ -135,6 +135,7 @@ def execute_trial(spec: TrialSpec, sampled: dict[str, Any], trial_id: str,
     """One trial's work without Ray: the run, its scores and ``report(metrics, checkpoint)``
     calls (Tune's in :func:`run_trial`; a no-op for a direct comparison). Returns the final
     report."""
+    from ..evaluation.text_to_3d import ProceduralScorer, headline
     from ..pipelines.loading import pick_device
     from ..sds.pipeline import run_text_to_3d
     from ..tracking import start_tracking
@@ -190,15 +191,17 @@ def execute_trial(spec: TrialSpec, sampled: dict[str, Any], trial_id: str,
         job_type="tune_trial", resume_id=f"tune-{zlib.crc32(spec.sweep_dir.encode()):08x}-{trial_id}")
     exit_code = 1
     try:
-        record = run_text_to_3d(run["prompt"], pipe, sds, out, seed=run["seed"], device=device,
-                                tracker=tracker, progress=False, on_log=on_log)
-        final = pending.get("report") or {**(record.get("final") or {}), **measure(folder)}
-        final = {**final, "step": sds.steps, "done_steps": sds.steps,
-                 "total_seconds": record.get("total_seconds", 0.0)}
-        quality = record.get("quality")
-        if quality is not None:
-            final |= {"gt_iou": quality["mean_iou"], "gt_iou_raw": quality["mean_iou_raw"],
-                      "gt_colour_accuracy": quality["colour_accuracy"]}
+        result = run_text_to_3d(run["prompt"], pipe, sds, out, seed=run["seed"], device=device,
+                                tracker=tracker, progress=False, on_log=on_log,
+                                scorer=ProceduralScorer() if run.get("score", True) else None)
+        final = pending.get("report") or {**(result.final or {}), **measure(folder)}
+        final = {**final, "step": sds.steps, "done_steps": sds.steps, "total_seconds": result.total_seconds}
+        if result.quality is not None:
+            scores = headline(result.quality)
+            final |= {"gt_iou": scores["iou"], "gt_iou_raw": scores["iou_raw"],
+                      "gt_colour_accuracy": scores["colour_accuracy"], "gt_volume_iou": scores["volume_iou"]}
+            if "janus_free" in scores:
+                final["gt_janus_free"] = float(scores["janus_free"])
         tracker.summary({k: v for k, v in final.items() if isinstance(v, (int, float))})
         exit_code = 0
         report(final, pending.get("checkpoint") or folder)
