@@ -103,7 +103,8 @@ def score_views(albedo: np.ndarray, opacity: np.ndarray, truth_mask: np.ndarray,
         albedo: (V, H, W, 3) the NeRF's albedo render in [0, 1] (no lighting, no background).
         opacity: (V, H, W) in [0, 1].
         truth_mask: (V, H, W) bool, the true silhouettes.
-        expected_colour: palette name of the prompt's colour, or (V,) names, one per view.
+        expected_colour: palette name of the prompt's colour, or (V,) names, one per view
+            (then each view's record has its ``expected`` and there is no ``expected_colour``).
     """
     if not (albedo.shape[:3] == opacity.shape == truth_mask.shape):
         raise ValueError(f"shape mismatch: albedo {albedo.shape}, opacity {opacity.shape}, "
@@ -121,13 +122,15 @@ def score_views(albedo: np.ndarray, opacity: np.ndarray, truth_mask: np.ndarray,
         if not isinstance(expected_colour, str):
             view["expected"] = expected
         views.append(view)
-    return {
+    scores = {
         "views": views,
         "mean_iou": float(np.mean([v["iou"] for v in views])),
         "mean_iou_raw": float(np.mean([v["iou_raw"] for v in views])),
         "colour_accuracy": float(np.mean([v["colour_correct"] for v in views])),
-        "expected_colour": expected_colour if isinstance(expected_colour, str) else per_view[0],
     }
+    if isinstance(expected_colour, str):  # per-view expectations are in the views
+        scores["expected_colour"] = expected_colour
+    return scores
 
 
 @dataclass
