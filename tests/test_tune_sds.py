@@ -126,7 +126,7 @@ def test_best_config_is_a_text_to_3d_job_config(asha_sweep):
 
     out = sweep / "rerun"
     record = job.run(_compose_best(sweep, [f"out={out}", "steps=1", "logger=disabled", "progress=false"]))
-    assert record["prompt"] == best["prompt"] and (out / "turntable.gif").is_file()
+    assert record.prompt == best["prompt"] and (out / "turntable.gif").is_file()
 
 
 def _compose_best(sweep: Path, overrides: list[str]):
