@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from machine_info import describe
 from mvdream_platform import storage
 from mvdream_platform.evaluation.consistency import ConsistencySettings, run_consistency
 from mvdream_platform.pipelines import MVDreamPipeline
+
+from machine_info import describe
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -284,7 +284,12 @@ def test_next_to_puts_parts_side_by_side_on_one_floor(side, axis, sign):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_front_marker_faces_mvdream_azimuth_zero(shape):
-    from mvdream_platform.evaluation import EvalSettings, classify_colour, render_ground_truth, shaded_palette
+    from mvdream_platform.evaluation import (
+        EvalSettings,
+        classify_colour,
+        render_ground_truth,
+        shaded_palette,
+    )
 
     spec = {"relation": None, "parts": [{"shape": shape, "colour": "red", "adjective": None,
                                          "aspect": None, "size": 1.0, "front": "yellow"}]}
