@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mvdream_platform.evaluation.text_to_3d import ProceduralScorer, headline
+from mvdream_platform.evaluation.consistency import bootstrap_interval
+from mvdream_platform.evaluation.janus import VERDICTS
+from mvdream_platform.evaluation.text_to_3d import ProceduralScorer, headline, object_for_prompt
 from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.sds.config import SDSConfig
 from mvdream_platform.sds.export import extract_mesh
@@ -49,9 +51,17 @@ PROMPTS = ["a red cube", "a blue sphere", "a green cylinder", "a yellow cone", "
            "an orange pyramid"]
 
 
-def sds_config(kind: str, steps: int) -> SDSConfig:
+def sds_config(kind: str, steps: int, scale_schedules: bool = False) -> SDSConfig:
+    """conf/sds/tiny.yaml for ``steps`` steps; ``scale_schedules`` stretches its step-counted
+    schedules (timestep annealing, albedo warm-up, orientation weight: written for 400 steps)
+    to the run's length, so a shorter run still anneals fully."""
     values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "sds" / "tiny.yaml"), resolve=True)
     values["steps"], values["guidance_kind"] = steps, kind
+    if scale_schedules:
+        ratio = steps / values["guidance"]["anneal_steps"]
+        values["guidance"]["anneal_steps"] = steps
+        values["shading"]["ambient_only_steps"] = round(values["shading"]["ambient_only_steps"] * ratio)
+        values["optim"]["orient_end_step"] = round(values["optim"]["orient_end_step"] * ratio)
     return SDSConfig.from_dict(values)
 
 
@@ -75,6 +85,7 @@ def row_of(prompt: str, seed: int, guidance: str, quality: dict, seconds: float,
             "volume_iou": scores["volume_iou"], "chamfer": scores["chamfer"],
             "topology_ok": scores["topology_ok"], "janus": scores.get("janus"),
             "janus_free": scores.get("janus_free"),
+            "front_correct": (quality.get("janus") or {}).get("front_correct"),
             "colours": [v["colour"] for v in quality["views"]], "seconds": seconds, "out": out}
 
 
@@ -86,6 +97,9 @@ def mean_of(rows: list[dict], key: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--scale-schedules", action="store_true",
+                        help="stretch tiny.yaml's 400-step schedules to --steps")
+    parser.add_argument("--no-floor", action="store_true", help="skip scoring the untrained field")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--prompts", nargs="+", default=PROMPTS)
     parser.add_argument("--model", default=str(REPO / "checkpoints" / "tiny"))
@@ -99,29 +113,37 @@ def main() -> None:
     rows = []
     for prompt in args.prompts:
         for seed in args.seeds:
-            floor = floor_quality(prompt, seed, scorer)
-            if floor is None:
+            if object_for_prompt(prompt) is None:
                 parser.error(f"{prompt!r} is not a prompt of the procedural vocabulary (no ground truth)")
-            rows.append(row_of(prompt, seed, "init (blob, 0 steps)", floor, 0.0, None))
+            if not args.no_floor:
+                rows.append(row_of(prompt, seed, "init (blob, 0 steps)", floor_quality(prompt, seed, scorer), 0.0, None))
             for kind in ("mvdream", "dreamfusion"):  # interleaved: drift hits both alike
                 pipe = MVDreamPipeline.from_pretrained(args.model)  # fresh: guidance freezes it
                 pipe.set_progress_bar_config(disable=True)
                 out = str(Path(args.out) / f"{kind}-{prompt.replace(' ', '_')}-s{seed}")
-                result = run_text_to_3d(prompt, pipe, sds_config(kind, args.steps), out, seed=seed,
-                                        progress=False, scorer=scorer)
+                result = run_text_to_3d(prompt, pipe, sds_config(kind, args.steps, args.scale_schedules),
+                                        out, seed=seed, progress=False, scorer=scorer)
                 rows.append(row_of(prompt, seed, kind, result.quality, result.total_seconds, out))
                 print(json.dumps(rows[-1]), flush=True)
 
     summary = {}
     for kind in ("mvdream", "dreamfusion", "init (blob, 0 steps)"):
         mine = [r for r in rows if r["guidance"] == kind]
+        if not mine:
+            continue
         marked = [r for r in mine if r["janus"] is not None]
+        at_front = [float(r["janus"] == "single" and r["front_correct"]) for r in marked]
         summary[kind] = {"runs": len(mine), "mean_iou": mean_of(mine, "iou"),
                          "mean_iou_raw": mean_of(mine, "iou_raw"),
                          "colour_accuracy": mean_of(mine, "colour_accuracy"),
                          "volume_iou": mean_of(mine, "volume_iou"), "chamfer": mean_of(mine, "chamfer"),
                          "topology_ok": mean_of(mine, "topology_ok"),
                          "marked_runs": len(marked), "janus_free": mean_of(marked, "janus_free"),
+                         "janus_free_interval": bootstrap_interval([float(r["janus_free"]) for r in marked])
+                         if marked else None,
+                         "single_at_front": statistics.mean(at_front) if at_front else None,
+                         "single_at_front_interval": bootstrap_interval(at_front) if at_front else None,
+                         "verdicts": {v: sum(r["janus"] == v for r in marked) for v in VERDICTS} if marked else None,
                          "seconds_per_run": statistics.median(r["seconds"] for r in mine)}
 
     def cell(value, spec: str) -> str:
@@ -142,7 +164,8 @@ def main() -> None:
     record = {"benchmark": "sds_quality", "date": time.strftime("%Y-%m-%d"),
               "machine": describe(threads=args.threads),
               "settings": {"steps": args.steps, "seeds": args.seeds, "sds_config": "conf/sds/tiny.yaml",
-                           "model": "checkpoints/tiny", "views_scored": 8,
+                           "model": args.model, "views_scored": 8,
+                           "scale_schedules": args.scale_schedules,
                            "scorer": asdict(scorer)},
               "targets": {"iou": 0.6, "colour_accuracy": 0.9}, "summary": summary, "runs": rows}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
