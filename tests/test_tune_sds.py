@@ -88,6 +88,7 @@ def test_sweep_stops_trials_early_and_writes_the_table(asha_sweep):
             assert iio.imread(row["turntable_gif"], index=None).shape[0] == 4  # turntable frames
             assert Path(row["metrics_json"]).is_file() and Path(row["mesh_glb"]).is_file()
             assert 0.0 <= float(row["gt_iou"]) <= 1.0  # ground truth beside the proxy
+            assert 0.0 <= float(row["gt_volume_iou"]) <= 1.0 and row["gt_janus_free"] == ""  # unmarked
             assert any((sweep / trial_id).glob("checkpoint_*"))  # Tune persisted its checkpoints
         else:
             assert row["status"] == "EARLY_STOPPED" and int(row["step"]) < 8

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 FINISHED, EARLY, ERROR = "TERMINATED", "EARLY_STOPPED", "ERROR"
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 METRIC_COLUMNS = ("step", "objective_step", "prior_text_gain", "prior_eps_mse",
-                  "clip_score", "loss", "gt_iou", "gt_iou_raw", "gt_colour_accuracy", "total_seconds",
-                  "time_total_s")
+                  "clip_score", "loss", "gt_iou", "gt_iou_raw", "gt_colour_accuracy", "gt_volume_iou",
+                  "gt_janus_free", "total_seconds", "time_total_s")
 ASSETS = {"turntable_gif": "turntable.gif", "mesh_glb": "mesh.glb", "multiview_png": "multiview.png",
           "metrics_json": "metrics.json"}
 
