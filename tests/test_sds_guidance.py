@@ -415,8 +415,14 @@ def test_latent_model_encodes_renders_with_the_vae(tmp_path):
 
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no shipped model")
-def test_optimising_images_with_the_shipped_model_draws_the_prompt():
-    """30 Adam steps on 4 free 32x32 views (one group) turn grey into a red object."""
+@pytest.mark.parametrize("prompt, channel", [("a red cube", 0), ("a green cube", 1)])
+def test_optimising_images_with_the_shipped_model_draws_the_prompt(prompt, channel):
+    """30 Adam steps on 4 free 32x32 views (one group) turn grey into an object of the
+    prompt's colour, in every view (the colour is what the prompt decides).
+
+    (A held-out reconstruction loss is no measure of this: it compares renders with the
+    model's own x0 estimates, and the grammar-2 model rates the flat grey start as plausible:
+    its loss rose from 144 to 370 while the views turned red.)"""
     from mvdream_platform.pipelines.pipeline_mvdream import MVDreamPipeline
 
     shipped = MVDreamPipeline.from_pretrained(str(SHIPPED))
@@ -427,24 +433,15 @@ def test_optimising_images_with_the_shipped_model_draws_the_prompt():
         torch.tensor([0.0, 90.0, 180.0, 270.0])), 2.0)
     logits = torch.zeros(4, 32, 32, 3, requires_grad=True)  # sigmoid(0): flat grey
     optimiser = torch.optim.Adam([logits], lr=0.1)
-
-    def held_out_loss() -> float:  # fixed draws, late-annealing t range, no grad needed
-        with torch.no_grad():
-            return sum(guidance(torch.sigmoid(logits), c2w, PROMPT, 10**6,
-                                torch.Generator().manual_seed(100 + k)).loss.item()
-                       for k in range(4))
-
-    before = held_out_loss()
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
-        out = guidance(torch.sigmoid(logits), c2w, PROMPT, step, generator)
+        out = guidance(torch.sigmoid(logits), c2w, prompt, step, generator)
         optimiser.zero_grad()
         out.loss.backward()
         optimiser.step()
-    after = held_out_loss()
-    assert after < before
 
     image = torch.sigmoid(logits).detach()
     centre = image[:, 10:22, 10:22].mean(dim=(1, 2))  # (4 views, RGB)
-    red, green, blue = centre.unbind(-1)
-    assert bool((red > green + 0.2).all() and (red > blue + 0.2).all()), centre
+    others = [c for c in range(3) if c != channel]
+    for other in others:
+        assert bool((centre[:, channel] > centre[:, other] + 0.2).all()), (prompt, centre)
