@@ -51,7 +51,11 @@ def _check_completed_sweep(sweep: Path) -> list[dict]:
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["steps"] == 2 and f"seed={metrics['seed']}" in row["overrides"]
         assert f"out: {folder}" in (folder / "config.yaml").read_text()
-        assert row["prompt"] == "a red cube" and row["seed"] == str(metrics["seed"])
+        # the default prompt is marked: its Janus verdict is in the summary beside IoU
+        assert row["prompt"] == "a red cube with a yellow front" and row["seed"] == str(metrics["seed"])
+        assert row["janus"] == metrics["quality"]["janus"]["verdict"]
+        assert row["janus"] in ("single", "multiple", "none", "everywhere")
+        assert 0 <= float(row["volume_iou"]) <= 1
         assert math.isclose(float(row["final_loss"]), metrics["final"]["loss"], rel_tol=1e-6)
         assert 0 <= float(row["iou"]) <= 1 and 0 <= float(row["colour_accuracy"]) <= 1
         assert float(row["seconds"]) > 0
