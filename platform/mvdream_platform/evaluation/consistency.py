@@ -30,7 +30,6 @@ true renders must match the true side, and the marker must be found in the true 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ import torch
 from ..cameras import mvdream_to_orbit_azimuth, orbit_camera_to_world
 from ..data.shapes import HELD_OUT_START, SHAPES, SIDES, caption_for, make_object
 from .metrics import foreground_mask, object_present, shaded_palette
+from .models import render_ground_truth
 
 KINDS = ("colour", "layout", "marker")
 ARMS = ("joint", "independent")
@@ -141,14 +141,9 @@ def view_cameras(num_views: int, elevation: float, distance: float = 1.0) -> tor
 
 
 def render_truth(obj, settings: ConsistencySettings, resolution: int) -> np.ndarray:
-    """(F, H, W, 3) in [0, 1]: the object at the benchmark's cameras, on mid-grey."""
-    from ..data import render
-
-    distance = settings.gt_fill / math.sin(math.radians(settings.gt_fovy_deg) / 2)
-    c2w = view_cameras(settings.num_views, settings.elevation, distance)
-    rgba = render.render_views(obj.mesh, c2w, settings.gt_fovy_deg, resolution, antialias=2)
-    alpha = rgba[..., 3:].astype(np.float64) / 255
-    return rgba[..., :3] / 255 * alpha + 0.5 * (1 - alpha)
+    """(F, H, W, 3) in [0, 1]: the object at the benchmark's cameras, on mid-grey (the held-out
+    evaluation's renderer: :func:`.models.render_ground_truth` reads the same settings fields)."""
+    return render_ground_truth(obj, settings, resolution)
 
 
 # ------------------------------------------------------------------------------ sampling
