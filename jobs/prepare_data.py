@@ -43,7 +43,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.source == "images":
         if not cfg.input:
             raise ValueError("input is required for source=images: a folder/URI of images or 'builtin'")
-        pairs = (prepare.builtin_pairs(cfg.num_objects, seed=cfg.seed, resolution=cfg.resolution)
+        pairs = (prepare.builtin_pairs(cfg.num_objects, seed=cfg.seed, resolution=cfg.resolution,
+                                         front_share=cfg.front_share)
                  if cfg.input == "builtin" else prepare.folder_pairs(cfg.input, captions))
         manifest = prepare.prepare_text_images(pairs, cfg.out, rows_per_shard=cfg.rows_per_shard,
                                                source=str(cfg.input))
@@ -53,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
     settings = prepare.RenderSettings(
         views=cfg.views, resolution=cfg.resolution, elevation_deg=tuple(cfg.elevation_deg),
         fovy_deg=tuple(cfg.fovy_deg), fill=tuple(cfg.fill), random_light=cfg.random_light,
-        antialias=cfg.antialias, seed=cfg.seed,
+        antialias=cfg.antialias, seed=cfg.seed, front_share=cfg.front_share,
     )
     if cfg.source == "shapes":
         specs = prepare.plan_shapes(cfg.num_objects, seed=cfg.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -156,3 +157,25 @@ def test_cli_as_documented_and_bad_arguments(tmp_path):
         _prepare("source=meshes", f"out={tmp_path / 'y'}")
     with pytest.raises(ValueError, match="views must be >= 1"):
         _prepare("source=shapes", "views=0", f"out={tmp_path / 'z'}")
+
+
+def test_front_share_sets_the_share_of_marked_objects():
+    out_all, out_none = "memory://prep/front1", "memory://prep/front0"
+    for out, share in ((out_all, "1.0"), (out_none, "0.0")):
+        _prepare("source=shapes", "num_objects=6", "views=4", "resolution=16", "backend=serial",
+                 f"front_share={share}", f"out={out}")
+    marked = [[json.loads(line)["attributes"]["parts"][0].get("front") is not None
+               for line in storage.read_bytes(storage.join(out, layout.MANIFEST)).decode().splitlines()]
+              for out in (out_all, out_none)]
+    assert all(marked[0]) and len(marked[0]) == 6
+    assert not any(marked[1]) and len(marked[1]) == 6
+    rows = _prepare("source=images", "input=builtin", "num_objects=4", "resolution=16",
+                    "front_share=1.0", "out=memory://prep/front_images")
+    table = pq.read_table(io.BytesIO(storage.read_bytes(
+        storage.join("memory://prep/front_images", rows["shards"][0]["name"]))))
+    renders = [c for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist())
+               if k.startswith("render-")]
+    assert len(renders) == 4 and all(re.search(r"with an? (\w+ )?front", c) for c in renders)
+    with pytest.raises(ValueError, match="front_share must lie in"):
+        _prepare("source=shapes", "num_objects=1", "views=4", "resolution=16", "backend=serial",
+                 "front_share=1.5", "out=memory://prep/front_bad")

@@ -67,8 +67,13 @@ class RenderSettings:
     random_light: bool = True
     antialias: int = 2
     seed: int = 0
+    # shapes only: share of objects whose (first) part carries a front marker
+    # (None = the grammar's default, ``shapes.DEFAULT_P_FRONT``).
+    front_share: float | None = None
 
     def validate(self) -> None:
+        if self.front_share is not None and not 0.0 <= self.front_share <= 1.0:
+            raise ValueError(f"front_share must lie in [0, 1] (or be null), got {self.front_share}")
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.resolution < 8:
@@ -234,9 +239,10 @@ def build_object(spec: ObjectSpec, settings: RenderSettings):
     from . import render
 
     if spec.kind == "shape":
-        from .shapes import make_object
+        from .shapes import DEFAULT_P_FRONT, make_object
 
-        obj = make_object(spec.index, seed=settings.seed)
+        p_front = DEFAULT_P_FRONT if settings.front_share is None else settings.front_share
+        obj = make_object(spec.index, seed=settings.seed, p_front=p_front)
         return obj.mesh, obj.caption, dict(obj.attributes)
     if spec.kind == "mesh":
         with _local_copy(spec.path) as local:
@@ -402,20 +408,25 @@ class ImagePair:
     caption: str
 
 
-def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256) -> Iterator[ImagePair]:
+def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256,
+                  front_share: float | None = None) -> Iterator[ImagePair]:
     """The default 2D set: one render of each procedural object, then the bundled photos.
 
     Procedural objects use indices from 1_000_000 on, so the 2D set never repeats an object of
     the multi-view set; each gets one random view (random elevation, azimuth, fov).
+    ``front_share``: share of marked objects (None = the grammar's default).
     """
     from skimage import data as photos
 
     from . import render
-    from .shapes import make_object
+    from .shapes import DEFAULT_P_FRONT, make_object
 
+    if front_share is not None and not 0.0 <= front_share <= 1.0:
+        raise ValueError(f"front_share must lie in [0, 1] (or be null), got {front_share}")
+    p_front = DEFAULT_P_FRONT if front_share is None else front_share
     rng = np.random.default_rng(seed)
     for i in range(num_objects):
-        obj = make_object(1_000_000 + i, seed=seed)
+        obj = make_object(1_000_000 + i, seed=seed, p_front=p_front)
         elevation, azimuth = rng.uniform(0, 30), rng.uniform(0, 360)
         fovy = rng.uniform(30, 50)
         distance = rng.uniform(1.0, 1.15) / math.sin(math.radians(fovy) / 2)
