@@ -253,12 +253,103 @@ def test_cpu_render_never_touches_the_nerfacc_cuda_extension(monkeypatch):
     assert set(glob.glob(os.path.join(build_root, "*", "nerfacc_cuda"))) == builds_before
 
 
-def test_update_occupancy_is_a_no_op_on_cpu():
-    renderer = tiny_renderer(samples=8)
+def test_update_occupancy_is_a_no_op_on_cpu_without_skipping():
+    torch.manual_seed(0)
+    renderer = VolumeRenderer(NeRFField(FieldConfig.tiny()), None,
+                              RenderConfig(num_samples_per_ray=8, skip_empty_space=False))
     before = renderer.estimator.binaries.clone()
     renderer.update_occupancy(0)
     assert torch.equal(renderer.estimator.binaries, before)
-    assert bool(before.all())  # every cell occupied until the first (CUDA) update
+    assert bool(before.all())  # every cell occupied until the first update
+
+
+class CountingField(nn.Module):
+    """Wraps a field, moves it off-centre by ``OFFSET`` (so a grid looked up with its axes
+    mixed up misses it) and counts the points it is asked about."""
+
+    OFFSET = torch.tensor([0.3, -0.15, 0.05])
+
+    def __init__(self, field):
+        super().__init__()
+        self.inner, self.config, self.queried = field, field.config, 0
+
+    def density(self, points):
+        return self.inner.density(points - self.OFFSET)
+
+    def forward(self, points, with_normals=False):
+        self.queried += points.shape[0]
+        out = self.inner(points - self.OFFSET, with_normals=with_normals)
+        return out
+
+    def parameter_groups(self):
+        return self.inner.parameter_groups()
+
+
+def _textured_field(seed: int = 0) -> NeRFField:
+    """The embedded default's field with a noisy grid: a blob with lumps and a faint halo."""
+    torch.manual_seed(seed)
+    field = NeRFField(FieldConfig(n_levels=8, log2_hashmap_size=14, base_resolution=8,
+                                  per_level_scale=1.4, hidden_dim=32))
+    with torch.no_grad():
+        field.encoding.embeddings.normal_(0.0, 0.5)
+    return field
+
+
+@pytest.mark.parametrize("shading", ["albedo", "diffuse"])
+def test_empty_space_skipping_gives_the_dense_image_with_far_fewer_field_queries(shading):
+    field = _textured_field()
+    c2w = cameras(4, 2.5)
+    results, grads, queried = {}, {}, {}
+    for skip in (False, True):
+        counting = CountingField(field)
+        renderer = VolumeRenderer(counting, EnvironmentBackground(), RenderConfig(
+            num_samples_per_ray=48, skip_empty_space=skip, occ_threshold=0.001)).train()
+        for step in (0, 16, 32, 48):
+            renderer.update_occupancy(step)
+        if skip:
+            occupied = float(renderer.estimator.binaries.float().mean())
+            assert 0.05 < occupied < 0.5  # the blob and its lumps, not the corners
+        field.zero_grad()
+        out = renderer.render(c2w, 40.0, 32, 32, shading=shading,
+                              generator=torch.Generator().manual_seed(3),
+                              with_normals=shading != "albedo")
+        loss = out["rgb"].square().sum() + out.get("orientation_loss", torch.zeros(()))
+        loss.backward()
+        results[skip], queried[skip] = out, counting.queried
+        grads[skip] = field.encoding.embeddings.grad.clone()
+    dense, skipped = results[False], results[True]
+    assert queried[True] < 0.35 * queried[False]
+    for key, max_tol, mean_tol in (("rgb", 0.03, 0.006), ("opacity", 0.02, 0.003), ("depth", 0.05, 0.006)):
+        diff = (skipped[key] - dense[key]).detach().abs()
+        assert float(diff.max()) < max_tol and float(diff.mean()) < mean_tol, (key, float(diff.max()))
+    cosine = torch.nn.functional.cosine_similarity(grads[True].flatten(), grads[False].flatten(), dim=0)
+    assert float(cosine) > 0.98
+
+
+def test_occupancy_updates_are_reproducible_and_leave_the_global_rng_alone():
+    grids = []
+    for _ in range(2):
+        field = _textured_field()
+        renderer = VolumeRenderer(field, None, RenderConfig(num_samples_per_ray=48)).train()
+        torch.manual_seed(123)
+        renderer.update_occupancy(16)
+        after = torch.rand(3)
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(3))  # the update drew from its own generator
+        grids.append(renderer.estimator.occs.clone())
+    assert torch.equal(grids[0], grids[1])
+    renderer.update_occupancy(17)  # not an update step: nothing changes
+    assert torch.equal(renderer.estimator.occs, grids[1])
+    with pytest.raises(RuntimeError, match="training mode"):
+        renderer.eval().update_occupancy(32)
+
+
+def test_a_render_with_an_empty_grid_is_all_background():
+    renderer = VolumeRenderer(_textured_field(), None, RenderConfig(num_samples_per_ray=16)).eval()
+    renderer.estimator.binaries.fill_(False)
+    out = renderer.render(cameras(2, 2.5), 40.0, 8, 8, bg_color=torch.tensor([0.2, 0.4, 0.6]))
+    assert float(out["opacity"].abs().max()) == 0.0
+    torch.testing.assert_close(out["rgb"], torch.tensor([0.2, 0.4, 0.6]).expand(2, 8, 8, 3))
 
 
 def _packed_weights_reference(t_starts, t_ends, sigmas, packed_info=None, ray_indices=None,

@@ -113,10 +113,36 @@ class SDSConfig:
     # Normals (and so the orientation loss) on albedo steps too, as the reference does; off
     # saves a double backward per warm-up step on CPU.
     normals_every_step: bool = False
+    # The run length the step-counted schedules are written for: guidance.anneal_steps,
+    # shading.ambient_only_steps, optim.orient_end_step and the steps of cameras.schedule.
+    # A run of ``steps`` steps stretches them all by steps / schedule_steps (see
+    # :meth:`scheduled`), so a short run still anneals its timesteps fully and keeps the same
+    # share of albedo warm-up. None: the schedules are absolute step counts.
+    schedule_steps: int | None = None
+
+    def scheduled(self) -> SDSConfig:
+        """This config with its step-counted schedules stretched to ``steps`` (a copy; itself
+        when ``schedule_steps`` is None or equals ``steps``)."""
+        import copy
+
+        if self.schedule_steps is None or self.schedule_steps == self.steps:
+            return self
+        ratio = self.steps / self.schedule_steps
+        out = copy.deepcopy(self)
+        out.guidance.anneal_steps = round(self.guidance.anneal_steps * ratio)
+        out.shading.ambient_only_steps = round(self.shading.ambient_only_steps * ratio)
+        out.optim.orient_end_step = round(self.optim.orient_end_step * ratio)
+        out.cameras.schedule = [[round(start * ratio), res, groups]
+                                for start, res, groups in self.cameras.schedule]
+        out.schedule_steps = self.steps
+        return out
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.schedule_steps is not None and (isinstance(self.schedule_steps, bool) or not isinstance(
+                self.schedule_steps, int) or self.schedule_steps < 1):
+            raise ValueError(f"sds.schedule_steps must be null or an integer >= 1, got {self.schedule_steps!r}")
         if self.guidance_kind not in GUIDANCE_KINDS:
             raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {self.guidance_kind!r}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.render_every < 1:

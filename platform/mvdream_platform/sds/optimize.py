@@ -112,6 +112,7 @@ def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed:
     from tqdm import tqdm
 
     cfg.validate()
+    cfg = cfg.scheduled()  # step-counted schedules stretched to this run's length
     device = next(scene.field.parameters()).device
     guidance_cls = MultiViewGuidance if cfg.guidance_kind == "mvdream" else DreamFusionGuidance
     guidance = guidance_cls(pipe, cfg.guidance)
@@ -121,6 +122,8 @@ def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed:
     if start:
         log.info("resumed %s from step %d", out, start)
     scene.renderer.train()
+    if start == 0:
+        scene.renderer.update_occupancy(0)  # the grid of the initial blob: skip from step 0
 
     history: list[dict[str, Any]] = []
     window: list[dict[str, float]] = []

@@ -16,8 +16,12 @@ Two sampling paths, chosen by the device of the field's parameters:
 * **CPU**: ``num_samples_per_ray`` stratified samples between the ray's entry into and exit
   from the sphere (our own ray-sphere test: nerfacc's ``ray_aabb_intersect`` is CUDA-only),
   composited by nerfacc's *batched* (2-D, no ``ray_indices``) functions, which are pure
-  PyTorch. Nothing on this path touches nerfacc's CUDA extension, whose first use would try a
-  JIT build with nvcc.
+  PyTorch. With ``skip_empty_space`` the same occupancy grid is kept on the CPU (nerfacc's
+  ``OccGridEstimator`` update is plain torch; only its marching is CUDA): the stratified
+  samples that fall in empty cells get density 0 without a field query, and rays with no
+  occupied sample count as misses. Only the occupied samples (a fraction after the first
+  updates) reach the field, its normals and the backward pass. Nothing on this path touches
+  nerfacc's CUDA extension, whose first use would try a JIT build with nvcc.
 
 Only the rays that hit the sphere are sampled; the others get opacity 0 and the background.
 """
@@ -53,6 +57,9 @@ class RenderConfig:
         density * step size stays above the threshold are kept.
     cuda_samples_per_ray: sets the CUDA path's march step, sqrt(3) * 2 * radius / this.
     alpha_threshold, early_stop_eps: CUDA path pruning of transparent / hidden samples.
+    skip_empty_space: CPU path: keep the occupancy grid up to date there too and query the
+        field only at samples in occupied cells (level 0 of the grid; on the CPU a cell's
+        occupancy is density * the longest chord's bin, 2 radius / num_samples_per_ray).
     eval_chunk_size: under ``torch.no_grad()`` the field is queried this many points at a time
         (big evaluation renders then need little memory); with gradients it is queried at once.
     """
@@ -70,12 +77,18 @@ class RenderConfig:
     cuda_samples_per_ray: int = 512
     alpha_threshold: float = 0.01
     early_stop_eps: float = 1e-4
+    skip_empty_space: bool = True
     eval_chunk_size: int = 65536
 
     @property
     def render_step_size(self) -> float:
         """The CUDA path's march step in world units (the box diagonal / cuda_samples_per_ray)."""
         return math.sqrt(3.0) * 2.0 * self.radius / self.cuda_samples_per_ray
+
+    @property
+    def cpu_step_size(self) -> float:
+        """The CPU path's widest bin (the diameter's chord / num_samples_per_ray)."""
+        return 2.0 * self.radius / self.num_samples_per_ray
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -124,7 +137,8 @@ def ray_sphere_intersect(origins: torch.Tensor, directions: torch.Tensor, radius
 class _Samples:
     """Ray samples, batched (CPU) or packed (CUDA).
 
-    batched: t_* (M, S) for the M rays ``ray_ids`` (M,).
+    batched: t_* (M, S) for the M rays ``ray_ids`` (M,); ``occupied`` (M, S) bool marks the
+        samples in occupied cells (None: all of them), the only ones the field sees.
     packed: t_* (P,) with ``ray_ids`` (P,) the ray of each sample.
     """
 
@@ -133,6 +147,7 @@ class _Samples:
     t_mid: torch.Tensor  # where the field is queried (inside [t_start, t_end])
     ray_ids: torch.Tensor
     packed: bool
+    occupied: torch.Tensor | None = None
 
     def per_sample(self, per_ray: torch.Tensor) -> torch.Tensor:
         """(R, C) values of the rays -> (n_samples, C), the value of each sample's ray.
@@ -212,24 +227,51 @@ class VolumeRenderer(nn.Module):
         # Opacity of one march step, to first order: 1 - exp(-sigma dt) ~ sigma dt.
         return self.field.density(points)[:, None] * self.config.render_step_size
 
+    def _cpu_occupancy_fn(self, points: torch.Tensor) -> torch.Tensor:
+        return self.field.density(points)[:, None] * self.config.cpu_step_size
+
+    @property
+    def skips_empty_space(self) -> bool:
+        """True when renders consult the occupancy grid (always on CUDA; CPU: the config)."""
+        return self.uses_cuda_path or self.config.skip_empty_space
+
     @torch.no_grad()
     def update_occupancy(self, step: int) -> None:
-        """Refresh the occupancy grid every ``occ_update_interval`` steps (CUDA path only).
+        """Refresh the occupancy grid every ``occ_update_interval`` steps.
 
-        Call once per training step, in training mode; a no-op on CPU, where nothing is
-        pruned.
+        Call once per training step, in training mode; a no-op on the CPU path without
+        ``skip_empty_space``. The grid's random cell jitter is drawn from a generator seeded by
+        ``step`` (the global RNG is left as it was), so a resumed run updates its grid exactly
+        as an uninterrupted one.
         """
-        if not self.uses_cuda_path:
+        if not self.skips_empty_space:
             return
         if not self.training:
             raise RuntimeError("update_occupancy must be called in training mode "
                                "(renderer.train()); the grid is frozen in evaluation")
-        self.estimator.to(self.device)
         cfg = self.config
-        self.estimator.update_every_n_steps(
-            step=step, occ_eval_fn=self._occupancy_fn, occ_thre=cfg.occ_threshold,
-            ema_decay=cfg.occ_ema_decay,
-            warmup_steps=cfg.occ_warmup_steps, n=cfg.occ_update_interval)
+        if step % cfg.occ_update_interval:
+            return
+        self.estimator.to(self.device)
+        occupancy_fn = self._occupancy_fn if self.uses_cuda_path else self._cpu_occupancy_fn
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(step)
+            self.estimator.update_every_n_steps(
+                step=step, occ_eval_fn=occupancy_fn, occ_thre=cfg.occ_threshold,
+                ema_decay=cfg.occ_ema_decay, warmup_steps=cfg.occ_warmup_steps,
+                n=cfg.occ_update_interval)
+
+    def occupied(self, points: torch.Tensor) -> torch.Tensor:
+        """(..., 3) world points -> (...) bool: the point's cell of grid level 0 is occupied
+        (points outside the grid's box count as empty)."""
+        grid = self.estimator.binaries[0].to(points.device)  # (X, Y, Z), indexed [x, y, z]
+        r = self.config.radius
+        size = torch.tensor(grid.shape, device=points.device)
+        cell = ((points + r) / (2 * r) * size).floor().long()
+        inside = ((cell >= 0) & (cell < size)).all(dim=-1)
+        cell = torch.minimum(cell.clamp_min(0), size - 1)
+        return grid[cell[..., 0], cell[..., 1], cell[..., 2]] & inside
 
     # ------------------------------------------------------------------ sampling
     def _samples_stratified(self, t_near: torch.Tensor, t_far: torch.Tensor,
@@ -255,6 +297,18 @@ class VolumeRenderer(nn.Module):
         t_starts, t_ends = t_edges[:, :-1], t_edges[:, 1:]
         return _Samples(t_starts=t_starts, t_ends=t_ends, t_mid=t_starts + u * (t_ends - t_starts),
                         ray_ids=ray_ids, packed=False)
+
+    def _skip_empty(self, samples: _Samples, origins: torch.Tensor,
+                    directions: torch.Tensor) -> _Samples:
+        """CPU path: mark the samples in occupied cells; drop rays that have none."""
+        points = origins[samples.ray_ids, None] + samples.t_mid[..., None] * directions[samples.ray_ids, None]
+        occupied = self.occupied(points)  # (M, S)
+        keep = occupied.any(dim=1)
+        if not bool(keep.any()):
+            keep[0] = True  # one ray keeps every shape non-empty (its samples stay unqueried)
+        return _Samples(t_starts=samples.t_starts[keep], t_ends=samples.t_ends[keep],
+                        t_mid=samples.t_mid[keep], ray_ids=samples.ray_ids[keep], packed=False,
+                        occupied=occupied[keep])
 
     def _samples_occupancy_grid(self, origins: torch.Tensor, directions: torch.Tensor,
                                 t_near: torch.Tensor, t_far: torch.Tensor) -> _Samples:
@@ -419,16 +473,33 @@ class VolumeRenderer(nn.Module):
             samples = self._samples_occupancy_grid(origins, directions, t_near, t_far)
         else:
             samples = self._samples_stratified(t_near, t_far, hit, generator)
+            if self.config.skip_empty_space:
+                samples = self._skip_empty(samples, origins, directions)
 
         t_mid = samples.t_mid.reshape(-1, 1)  # (n_samples, 1)
         sample_dirs = samples.per_sample(directions)
         points = samples.per_sample(origins) + t_mid * sample_dirs
-        out = self._query_field(points, with_normals)
         sample_lights = None
         if lights is not None:
             # The light of each ray's view (rays are view-major: view = ray // (H W)).
             sample_lights = samples.per_sample(lights.repeat_interleave(height * width, dim=0))
-        rgb = shade(shading, out.albedo, out.normal, points, sample_lights)
+        if samples.occupied is None:
+            out = self._query_field(points, with_normals)
+            rgb = shade(shading, out.albedo, out.normal, points, sample_lights)
+        else:
+            # Only occupied samples reach the field; the others keep density 0 (and rgb,
+            # normal 0), exactly what compositing makes of a transparent sample.
+            index = samples.occupied.reshape(-1).nonzero()[:, 0]
+            part = self._query_field(points[index], with_normals)
+            part_rgb = shade(shading, part.albedo, part.normal, points[index],
+                             None if sample_lights is None else sample_lights[index])
+
+            def scatter(x: torch.Tensor) -> torch.Tensor:
+                return x.new_zeros(points.shape[0], *x.shape[1:]).index_copy(0, index, x)
+
+            out = FieldOutput(density=scatter(part.density), albedo=scatter(part.albedo),
+                              normal=None if part.normal is None else scatter(part.normal))
+            rgb = scatter(part_rgb)
 
         values: dict[str, torch.Tensor | None] = {"rgb": rgb, "opacity": None, "depth": t_mid}
         if out.normal is not None:
