@@ -172,12 +172,13 @@ def sds_iteration(v: Variant, guidance, unet_timer: TimedCall, cfg: SDSConfig, p
 
 
 def warm_occupancy_grid(scene, cfg: SDSConfig) -> None:
-    """CUDA path: a few grid updates so the timed steps march the pruned grid of the blob."""
+    """A few grid updates so the timed steps skip the empty space around the initial blob
+    (the CUDA path, and the CPU path with ``render.skip_empty_space``)."""
     renderer = scene.renderer
-    if not renderer.uses_cuda_path:
+    if not renderer.skips_empty_space:
         return
     renderer.train()
-    for k in range(1, 4):
+    for k in range(0, 4):
         renderer.update_occupancy(k * cfg.render.occ_update_interval)
 
 

@@ -30,6 +30,7 @@ from mvdream_platform.evaluation.text_to_3d import ProceduralScorer, headline
 from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 from mvdream_platform.sds.config import SDSConfig, sds_config_for
 from mvdream_platform.sds.pipeline import TextTo3DResult, run_text_to_3d
+from mvdream_platform.threads import set_torch_threads
 from mvdream_platform.tracking import start_tracking
 
 from _common import expand_model_argv, model_config_from, save_resolved_config
@@ -58,8 +59,12 @@ def sds_config_from(cfg: DictConfig) -> SDSConfig:
 
 
 def run(cfg: DictConfig) -> TextTo3DResult:
+    threads = set_torch_threads(cfg.threads)
     sds = sds_config_from(cfg)
     sds.validate()
+    print(f"text-to-3d: {sds.steps} steps at {sds.cameras.resolution} px on {threads} CPU thread"
+          f"{'' if threads == 1 else 's'} (threads=N to change; on a shared machine give each job its own cores)",
+          flush=True)
     model = model_config_from(cfg.model)
     device = pick_device(cfg.device)
     pipe = build_pipeline(model, device=device, seed=cfg.seed)

@@ -23,6 +23,7 @@ FAST = [
     "sds.export.mesh_resolution=32", "sds.export.turntable_frames=4",
     "sds.export.turntable_resolution=16", "sds.export.quality_views=4",
     "sds.checkpoint_every=2", "sds.log_every=1", "sds.render_every=100",
+    "sds.schedule_steps=null",  # the step counts above are absolute (stretching: its own test)
 ]
 
 
@@ -97,14 +98,55 @@ def test_score_false_skips_the_ground_truth(tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_run_and_same_seed_same_field(tmp_path):
-    _run(tmp_path, "straight", "steps=4")
-    _run(tmp_path, "resumed", "steps=2")
-    resumed = _run(tmp_path, "resumed", "steps=4")
+    grid = "sds.render.occ_update_interval=1"  # the occupancy grid changes every step
+    _run(tmp_path, "straight", "steps=4", grid)
+    _run(tmp_path, "resumed", "steps=2", grid)
+    resumed = _run(tmp_path, "resumed", "steps=4", grid)
     assert resumed.resumed_from == 2
     straight, again = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert straight.keys() == again.keys()
     for key in straight:
         torch.testing.assert_close(again[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_schedules_stretch_to_the_run_length(tmp_path):
+    """conf/sds/tiny.yaml's schedules are written for 400 steps: a 6-step run anneals its
+    timesteps (and warms up) within its own 6 steps; with absolute schedules it stays at t ~ 970."""
+    written_for_400 = ["sds.guidance.anneal_steps=400", "sds.shading.ambient_only_steps=300",
+                       "sds.optim.orient_end_step=400"]
+    stretched = _run(tmp_path, "stretched", "steps=6", "sds.schedule_steps=400", *written_for_400)
+    fixed = _run(tmp_path, "fixed", "steps=6", *written_for_400)
+    # Last step (5 of 6): max_step_percent 0.98 -> 0.50 at 5/6 of the way, of 1000 timesteps.
+    assert stretched.final["max_step"] == pytest.approx(1000 * (0.98 - 0.48 * 5 / 6), abs=2)
+    assert fixed.final["max_step"] > 960
+    assert stretched.final["min_step"] < 200 < fixed.final["min_step"]
+
+
+def test_stretched_schedules_scale_every_step_count():
+    from mvdream_platform.sds.config import SDSConfig
+
+    cfg = SDSConfig.from_dict({"steps": 150, "schedule_steps": 400,
+                               "guidance": {"anneal_steps": 400}, "shading": {"ambient_only_steps": 300},
+                               "optim": {"orient_end_step": 400}, "cameras": {"schedule": [[200, 64, 2]]}})
+    short = cfg.scheduled()
+    assert (short.guidance.anneal_steps, short.shading.ambient_only_steps, short.optim.orient_end_step) == (150, 112, 150)
+    assert short.cameras.schedule == [[75, 64, 2]] and short.schedule_steps == 150
+    assert cfg.guidance.anneal_steps == 400  # the original is left alone
+    assert SDSConfig.from_dict({"steps": 150, "schedule_steps": None}).scheduled().guidance.anneal_steps == 8000
+    with pytest.raises(ValueError, match="schedule_steps"):
+        SDSConfig.from_dict({"steps": 150, "schedule_steps": 0}).validate()
+
+
+def test_the_job_sets_torch_threads_and_says_so(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        _run(tmp_path, "threads", "steps=1", "threads=1", "score=false")
+        assert torch.get_num_threads() == 1
+        assert "on 1 CPU thread " in capsys.readouterr().out
+        with pytest.raises(ValueError, match="threads must be"):
+            _run(tmp_path, "bad", "steps=1", "threads=0")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_dreamfusion_baseline_runs_the_same_job(tmp_path):

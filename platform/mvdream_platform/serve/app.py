@@ -64,7 +64,9 @@ def _load_pipeline(settings: ServeSettings, num_cpus: float):
     """The model, with torch using the replica's CPU share (not every core of the node)."""
     from ..pipelines.loading import ModelConfig, build_pipeline, pick_device
 
-    torch.set_num_threads(max(1, int(num_cpus)))
+    from ..threads import set_torch_threads
+
+    set_torch_threads(max(1, int(num_cpus)))
     device = pick_device(settings.device)
     pipe = build_pipeline(ModelConfig(**settings.model), device=device)
     pipe.set_progress_bar_config(disable=True)

@@ -138,8 +138,10 @@ def execute_trial(spec: TrialSpec, sampled: dict[str, Any], trial_id: str,
     from ..evaluation.text_to_3d import ProceduralScorer, headline
     from ..pipelines.loading import pick_device
     from ..sds.pipeline import run_text_to_3d
+    from ..threads import set_torch_threads
     from ..tracking import start_tracking
 
+    set_torch_threads(None)  # a Tune trial: exactly the CPUs its resources gave it
     run = trial_run(spec, sampled)
     sds = sds_config_for(run)  # a bad value raises here: the trial errors, the sweep goes on
     sds.validate()
