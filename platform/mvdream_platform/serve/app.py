@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -63,7 +62,6 @@ ASSET_TYPES = {".glb": "model/gltf-binary", ".obj": "model/obj", ".ply": "applic
 def _load_pipeline(settings: ServeSettings, num_cpus: float):
     """The model, with torch using the replica's CPU share (not every core of the node)."""
     from ..pipelines.loading import ModelConfig, build_pipeline, pick_device
-
     from ..threads import set_torch_threads
 
     set_torch_threads(max(1, int(num_cpus)))
