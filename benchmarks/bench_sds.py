@@ -104,25 +104,41 @@ class TimedCall:
 # ----------------------------------------------------------------------------- part 1: SDS
 
 
+# Sampling arms: ``today`` is the 2026-12-04 CPU path (every stratified sample reaches the
+# field), ``fast`` the shipped one (only samples in occupied cells of the occupancy grid).
+ARMS = {"today": {"skip_empty_space": False}, "fast": {"skip_empty_space": True}}
+
+
 @dataclasses.dataclass
 class Variant:
-    """One (resolution, shading) setting with its own scene and optimizer state."""
+    """One (arm, resolution, shading, normals) setting with its own scene and optimizer state."""
 
+    arm: str
     resolution: int
     shading: str
+    normal_type: str
+    cfg: SDSConfig
     scene: object
     optimizer: torch.optim.Optimizer
     step: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.resolution}px {self.shading}"
+        normals = "" if self.shading == "albedo" else f" {self.normal_type}"
+        return f"{self.arm} {self.resolution}px {self.shading}{normals}"
 
 
-def sds_iteration(v: Variant, guidance, unet_timer: TimedCall, cfg: SDSConfig, prompt: str,
+def variant_config(cfg: SDSConfig, arm: str, normal_type: str) -> SDSConfig:
+    out = dataclasses.replace(cfg, render=dataclasses.replace(cfg.render, **ARMS[arm]),
+                              field=dataclasses.replace(cfg.field, normal_type=normal_type))
+    out.validate()
+    return out
+
+
+def sds_iteration(v: Variant, guidance, unet_timer: TimedCall, prompt: str,
                   device: torch.device, sync) -> dict[str, float]:
     """One ``train_step`` of ``v`` with its phases timed; returns seconds per phase."""
-    step, scene, optimizer = v.step, v.scene, v.optimizer
+    step, scene, optimizer, cfg = v.step, v.scene, v.optimizer, v.cfg
     v.step += 1
     generator = step_generator(SEED, step)
     unet_timer.seconds = 0.0
@@ -188,19 +204,24 @@ def bench_sds(cfg: SDSConfig, pipe, args, device: torch.device) -> list[dict]:
     unet_timer = TimedCall(guidance.predict_eps, sync)
     guidance.predict_eps = unet_timer  # instance attribute: __call__ goes through the timer
     variants = []
-    for resolution in args.resolutions:
-        for shading in args.shadings:
-            scene = build_scene(cfg, seed=SEED, device=device)
-            scene.renderer.train()
-            warm_occupancy_grid(scene, cfg)
-            variants.append(Variant(resolution, shading, scene, build_optimizer(scene, cfg)))
+    arms = ["cuda"] if device.type == "cuda" else args.arms
+    for arm in arms:
+        for resolution in args.resolutions:
+            for shading in args.shadings:
+                for normal_type in (["analytic"] if shading == "albedo" else args.normal_types):
+                    vcfg = cfg if arm == "cuda" else variant_config(cfg, arm, normal_type)
+                    scene = build_scene(vcfg, seed=SEED, device=device)
+                    scene.renderer.train()
+                    warm_occupancy_grid(scene, vcfg)
+                    variants.append(Variant(arm, resolution, shading, normal_type, vcfg, scene,
+                                            build_optimizer(scene, vcfg)))
     for v in variants:
         for _ in range(args.warmup):
-            sds_iteration(v, guidance, unet_timer, cfg, args.prompt, device, sync)
+            sds_iteration(v, guidance, unet_timer, args.prompt, device, sync)
     per_repeat: dict[str, list[dict[str, float]]] = {v.name: [] for v in variants}
     for repeat in range(args.repeats):  # interleaved: each repeat runs every variant once
         for v in variants:
-            its = [sds_iteration(v, guidance, unet_timer, cfg, args.prompt, device, sync)
+            its = [sds_iteration(v, guidance, unet_timer, args.prompt, device, sync)
                    for _ in range(args.iters)]
             summary = {k: statistics.median(it[k] for it in its) for k in its[0]}
             per_repeat[v.name].append(summary)
@@ -210,8 +231,12 @@ def bench_sds(cfg: SDSConfig, pipe, args, device: torch.device) -> list[dict]:
     rows = []
     for v in variants:
         reps = per_repeat[v.name]
-        row = {"resolution": v.resolution, "shading": v.shading,
-               "with_normals": v.shading != "albedo" or cfg.normals_every_step}
+        occupied = float(v.scene.renderer.estimator.binaries.float().mean()) \
+            if v.scene.renderer.skips_empty_space else 1.0
+        row = {"arm": v.arm, "resolution": v.resolution, "shading": v.shading,
+               "normal_type": v.normal_type if v.shading != "albedo" else None,
+               "with_normals": v.shading != "albedo" or cfg.normals_every_step,
+               "occupied_cells": round(occupied, 4)}
         for key in ("total",) + PHASES:
             row[f"{key}_s"] = round(statistics.median(r[key] for r in reps), 5)
         # What the phases do not cover: Python between them (should be ~0).
@@ -324,6 +349,7 @@ def check_same_image(scene, c2w, fovy, resolution: int, bg: torch.Tensor) -> dic
 
 
 def bench_baseline(cfg: SDSConfig, args, device: torch.device) -> list[dict]:
+    cfg = variant_config(cfg, "today", cfg.field.normal_type)  # dense samples on both sides
     scene = build_scene(cfg, seed=SEED, device=device)
     renderer = scene.renderer.train()  # stratified jitter on, as in training
     params = list(scene.field.parameters())
@@ -418,11 +444,12 @@ def load_config(path: Path) -> SDSConfig:
 def print_sds_table(rows: list[dict], device: torch.device, cfg: SDSConfig) -> None:
     print(f"\nSDS iteration on {device.type}, {cfg.cameras.groups}x{cfg.cameras.views} views, "
           f"{cfg.render.num_samples_per_ray} samples/ray (CPU path), medians in seconds")
-    print("| px | shading | s/it | it/s | setup | render fwd | guidance fwd | of which UNet | "
-          "backward | optimizer |")
-    print("|" + " --- |" * 10)
+    print("| arm | px | shading | normals | occupied cells | s/it | it/s | setup | render fwd | "
+          "guidance fwd | of which UNet | backward | optimizer |")
+    print("|" + " --- |" * 13)
     for r in rows:
-        print(f"| {r['resolution']} | {r['shading']} | {r['total_s']:.3f} | {r['iters_per_s']:.2f} | "
+        print(f"| {r['arm']} | {r['resolution']} | {r['shading']} | {r['normal_type'] or '-'} | "
+              f"{r['occupied_cells']:.0%} | {r['total_s']:.3f} | {r['iters_per_s']:.2f} | "
               f"{r['setup_s']:.4f} | {r['render_fwd_s']:.3f} | {r['guidance_fwd_s']:.3f} | "
               f"{r['unet_s']:.3f} | {r['backward_s']:.3f} | {r['optimizer_s']:.4f} |")
 
@@ -455,6 +482,10 @@ def main() -> None:
                         help="render sizes (default: 32 64 on cpu, 64 256 on cuda)")
     parser.add_argument("--shadings", nargs="+", default=["albedo", "diffuse"],
                         choices=["albedo", "diffuse", "textureless"])
+    parser.add_argument("--arms", nargs="+", default=["today", "fast"], choices=sorted(ARMS),
+                        help="CPU sampling arms: today (dense) and fast (empty-space skipping)")
+    parser.add_argument("--normal-types", nargs="+", default=["analytic", "finite_difference"],
+                        choices=["analytic", "finite_difference"], help="normals of the lit variants")
     parser.add_argument("--sds-config", type=Path, default=REPO / "conf" / "sds" / "tiny.yaml")
     parser.add_argument("--model", type=Path, default=REPO / "checkpoints" / "tiny",
                         help="MVDreamPipeline folder used as the prior")
@@ -505,6 +536,8 @@ def main() -> None:
                                        if args.sds_config.is_relative_to(REPO) else args.sds_config),
                      "model": str(args.model.relative_to(REPO) if args.model.is_relative_to(REPO) else args.model),
                      "prompt": args.prompt, "groups": cfg.cameras.groups, "views": cfg.cameras.views,
+                     "arms": {a: ARMS[a] for a in args.arms}, "normal_types": args.normal_types,
+                     "occ_threshold": cfg.render.occ_threshold,
                      "samples_per_ray_cpu": cfg.render.num_samples_per_ray,
                      "resolutions": args.resolutions, "shadings": args.shadings,
                      "guidance_scale": cfg.guidance.guidance_scale, "repeats": args.repeats,
