@@ -2,12 +2,12 @@
 against the fast ones, side by side in one invocation.
 
 Each arm runs the real job in a fresh interpreter (``python jobs/text_to_3d.py ...``), as
-``make demo`` does, so the time includes interpreter start, imports, loading the model,
+``make demo`` does, so the time includes interpreter start, imports, loading the model, the offline W&B run,
 optimising, exporting the mesh / turntable / views and scoring against the ground truth:
 
 * ``today``: the 2026-12-04 default (400 steps, every stratified sample reaches the field,
-  schedules fixed at 400 steps): ``steps=400 sds.schedule_steps=null
-  sds.render.skip_empty_space=false``;
+  schedules fixed at 400 steps, an 8-level hash grid): ``steps=400 sds.schedule_steps=null
+  sds.render.skip_empty_space=false sds.field.n_levels=8``;
 * ``fast``: the shipped default (conf/text_to_3d.yaml and conf/sds/tiny.yaml as they are).
 
 Arms alternate over ``--repeats`` rounds (drift in machine load hits both alike). Per run it
@@ -34,7 +34,8 @@ from machine_info import describe
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = {
-    "today": ["steps=400", "sds.schedule_steps=null", "sds.render.skip_empty_space=false"],
+    "today": ["steps=400", "sds.schedule_steps=null", "sds.render.skip_empty_space=false",
+              "sds.field.n_levels=8"],
     "fast": [],
 }
 
@@ -44,7 +45,7 @@ def run_job(arm: str, prompt: str, seed: int, threads: int, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)  # a leftover checkpoint would make the job resume
     command = [sys.executable, str(REPO / "jobs" / "text_to_3d.py"), f"prompt={prompt}",
-               f"seed={seed}", f"threads={threads}", "progress=false", "logger=disabled",
+               f"seed={seed}", f"threads={threads}", "progress=false",
                f"out={out}", *ARMS[arm]]
     began = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)

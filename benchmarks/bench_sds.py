@@ -104,9 +104,11 @@ class TimedCall:
 # ----------------------------------------------------------------------------- part 1: SDS
 
 
-# Sampling arms: ``today`` is the 2026-12-04 CPU path (every stratified sample reaches the
-# field), ``fast`` the shipped one (only samples in occupied cells of the occupancy grid).
-ARMS = {"today": {"skip_empty_space": False}, "fast": {"skip_empty_space": True}}
+# Arms: ``today`` is the 2026-12-04 CPU path (every stratified sample reaches the field, an
+# 8-level grid), ``fast`` the shipped one (only samples in occupied cells of the occupancy
+# grid, the config's levels: 6 in tiny.yaml).
+ARMS = {"today": {"skip_empty_space": False, "n_levels": 8},
+        "fast": {"skip_empty_space": True, "n_levels": None}}
 
 
 @dataclasses.dataclass
@@ -129,8 +131,9 @@ class Variant:
 
 
 def variant_config(cfg: SDSConfig, arm: str, normal_type: str) -> SDSConfig:
-    out = dataclasses.replace(cfg, render=dataclasses.replace(cfg.render, **ARMS[arm]),
-                              field=dataclasses.replace(cfg.field, normal_type=normal_type))
+    levels = ARMS[arm]["n_levels"] or cfg.field.n_levels
+    out = dataclasses.replace(cfg, render=dataclasses.replace(cfg.render, skip_empty_space=ARMS[arm]["skip_empty_space"]),
+                              field=dataclasses.replace(cfg.field, normal_type=normal_type, n_levels=levels))
     out.validate()
     return out
 

@@ -20,7 +20,8 @@ results/sds_quality.json and prints a table; every run's assets stay under --out
 Settings arms (``--arms``), each a set of overrides of conf/sds/tiny.yaml run on the same
 prompts and seeds: ``fast`` is the shipped default (tiny.yaml with the job's ``steps`` from
 conf/text_to_3d.yaml: empty-space skipping, schedules stretched to the run); ``today`` is the
-2026-12-04 default it replaced (400 steps, dense sampling, schedules fixed at 400 steps).
+2026-12-04 default it replaced (400 steps, dense sampling, schedules fixed at 400 steps, an
+8-level hash grid).
 Each run's wall time (optimise + export + scoring) is recorded: compare seconds only between
 runs of one invocation on an otherwise idle machine (the load average is recorded).
 
@@ -64,7 +65,8 @@ PROMPTS = ["a red cube", "a blue sphere", "a green cylinder", "a yellow cone", "
 # The settings arms: overrides of conf/sds/tiny.yaml (None: the job's default run length).
 ARMS: dict[str, dict] = {
     "fast": {"steps": None},
-    "today": {"steps": 400, "schedule_steps": None, "render": {"skip_empty_space": False}},
+    "today": {"steps": 400, "schedule_steps": None, "render": {"skip_empty_space": False},
+              "field": {"n_levels": 8}},
 }
 
 

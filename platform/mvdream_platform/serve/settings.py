@@ -129,7 +129,7 @@ class ServeSettings:
     wandb_project: str = "mvdream-platform"
     tracking_dir: str | None = None
     metrics_every_s: float = 10.0
-    default_sds_steps: int = 400
+    default_sds_steps: int = 150
     default_sampling_steps: int | None = None  # None: the model's recommendation
     limits: Limits = field(default_factory=Limits)
     # HTTP ingress: many requests wait on the generator at once, so it must admit far more than
