@@ -295,9 +295,11 @@ def _textured_field(seed: int = 0) -> NeRFField:
     return field
 
 
-@pytest.mark.parametrize("shading", ["albedo", "diffuse"])
-def test_empty_space_skipping_gives_the_dense_image_with_far_fewer_field_queries(shading):
+@pytest.mark.parametrize("shading,normal_type", [("albedo", "analytic"), ("diffuse", "analytic"),
+                                                 ("diffuse", "finite_difference")])
+def test_empty_space_skipping_gives_the_dense_image_with_far_fewer_field_queries(shading, normal_type):
     field = _textured_field()
+    field.config.normal_type = normal_type
     c2w = cameras(4, 2.5)
     results, grads, queried = {}, {}, {}
     for skip in (False, True):
@@ -324,6 +326,28 @@ def test_empty_space_skipping_gives_the_dense_image_with_far_fewer_field_queries
         assert float(diff.max()) < max_tol and float(diff.mean()) < mean_tol, (key, float(diff.max()))
     cosine = torch.nn.functional.cosine_similarity(grads[True].flatten(), grads[False].flatten(), dim=0)
     assert float(cosine) > 0.98
+
+
+def test_finite_difference_normals_shade_like_analytic_ones():
+    """The normals option: both kinds light the same field alike (and both train the grid)."""
+    c2w, images = cameras(4, 2.5), {}
+    for normal_type in ("analytic", "finite_difference"):
+        field = _textured_field()
+        field.config.normal_type = normal_type
+        renderer = VolumeRenderer(field, None, RenderConfig(num_samples_per_ray=48,
+                                                            occ_threshold=0.001)).train()
+        renderer.update_occupancy(0)
+        out = renderer.render(c2w, 40.0, 24, 24, shading="diffuse", bg_color=torch.zeros(3),
+                              generator=torch.Generator().manual_seed(5))
+        (out["rgb"].sum() + out["orientation_loss"]).backward()
+        assert float(field.encoding.embeddings.grad.abs().sum()) > 0
+        images[normal_type] = out
+    a, b = images["analytic"], images["finite_difference"]
+    assert float((a["rgb"] - b["rgb"]).detach().abs().mean()) < 0.02
+    cosine = torch.nn.functional.cosine_similarity(a["normal"].detach().reshape(-1, 3),
+                                                   b["normal"].detach().reshape(-1, 3), dim=-1)
+    visible = a["opacity"].detach().reshape(-1) > 0.5
+    assert float(cosine[visible].mean()) > 0.9
 
 
 def test_occupancy_updates_are_reproducible_and_leave_the_global_rng_alone():
