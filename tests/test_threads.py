@@ -29,17 +29,22 @@ def test_a_ray_task_uses_the_cpus_it_was_assigned():
 
     from mvdream_platform.training.trainer import ensure_ray
 
+    started_here = not ray.is_initialized()
     ensure_ray()
-    if ray.cluster_resources().get("CPU", 0) < 1:
-        pytest.skip("the local Ray cluster has no CPU to assign")
+    try:
+        if ray.cluster_resources().get("CPU", 0) < 1:
+            pytest.skip("the local Ray cluster has no CPU to assign")
 
-    @ray.remote(num_cpus=1)
-    def threads_in_task() -> tuple[int, str, int]:
-        from mvdream_platform.threads import cpus_available, set_torch_threads
+        @ray.remote(num_cpus=1)
+        def threads_in_task() -> tuple[int, str, int]:
+            from mvdream_platform.threads import cpus_available, set_torch_threads
 
-        n, source = cpus_available()
-        return n, source, set_torch_threads(None)
+            n, source = cpus_available()
+            return n, source, set_torch_threads(None)
 
-    n, source, threads = ray.get(threads_in_task.remote(), timeout=120)
-    assert (n, threads) == (1, 1) and "Ray assigned" in source
-    assert cpus_available()[1] != "the CPUs Ray assigned to this task"  # the driver is not a task
+        n, source, threads = ray.get(threads_in_task.remote(), timeout=120)
+        assert (n, threads) == (1, 1) and "Ray assigned" in source
+        assert cpus_available()[1] != "the CPUs Ray assigned to this task"  # the driver is not a task
+    finally:
+        if started_here:  # later tests start Ray with their own settings
+            ray.shutdown()
