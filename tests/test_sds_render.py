@@ -278,8 +278,7 @@ class CountingField(nn.Module):
 
     def forward(self, points, with_normals=False):
         self.queried += points.shape[0]
-        out = self.inner(points - self.OFFSET, with_normals=with_normals)
-        return out
+        return self.inner(points - self.OFFSET, with_normals=with_normals)
 
     def parameter_groups(self):
         return self.inner.parameter_groups()

@@ -72,8 +72,7 @@ class RenderSettings:
     front_share: float | None = None
 
     def validate(self) -> None:
-        if self.front_share is not None and not 0.0 <= self.front_share <= 1.0:
-            raise ValueError(f"front_share must lie in [0, 1] (or be null), got {self.front_share}")
+        p_front_for(self.front_share)
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.resolution < 8:
@@ -86,6 +85,21 @@ class RenderSettings:
             raise ValueError(f"fovy_deg must lie in (0, 180), got {self.fovy_deg}")
         if not (-90 < self.elevation_deg[0] and self.elevation_deg[1] < 90):
             raise ValueError(f"elevation_deg must lie in (-90, 90), got {self.elevation_deg}")
+
+
+def p_front_for(front_share: float | None) -> float:
+    """The grammar's ``p_front`` for a ``front_share`` setting (None: the grammar's default).
+
+    Raises:
+        ValueError: ``front_share`` is not None and outside [0, 1].
+    """
+    from .shapes import DEFAULT_P_FRONT
+
+    if front_share is None:
+        return DEFAULT_P_FRONT
+    if not 0.0 <= front_share <= 1.0:
+        raise ValueError(f"front_share must lie in [0, 1] (or be null), got {front_share}")
+    return float(front_share)
 
 
 @dataclass
@@ -239,10 +253,9 @@ def build_object(spec: ObjectSpec, settings: RenderSettings):
     from . import render
 
     if spec.kind == "shape":
-        from .shapes import DEFAULT_P_FRONT, make_object
+        from .shapes import make_object
 
-        p_front = DEFAULT_P_FRONT if settings.front_share is None else settings.front_share
-        obj = make_object(spec.index, seed=settings.seed, p_front=p_front)
+        obj = make_object(spec.index, seed=settings.seed, p_front=p_front_for(settings.front_share))
         return obj.mesh, obj.caption, dict(obj.attributes)
     if spec.kind == "mesh":
         with _local_copy(spec.path) as local:
@@ -419,11 +432,9 @@ def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256,
     from skimage import data as photos
 
     from . import render
-    from .shapes import DEFAULT_P_FRONT, make_object
+    from .shapes import make_object
 
-    if front_share is not None and not 0.0 <= front_share <= 1.0:
-        raise ValueError(f"front_share must lie in [0, 1] (or be null), got {front_share}")
-    p_front = DEFAULT_P_FRONT if front_share is None else front_share
+    p_front = p_front_for(front_share)
     rng = np.random.default_rng(seed)
     for i in range(num_objects):
         obj = make_object(1_000_000 + i, seed=seed, p_front=p_front)
