@@ -73,6 +73,23 @@ def tiny_pipeline():
     return make_tiny_pipeline()
 
 
+def shutdown_ray() -> None:
+    """``ray.shutdown()`` after a full garbage collection.
+
+    Ray handles (object refs, actor handles, placement groups) that sit in reference cycles
+    (a traceback, a trainer's result) are otherwise freed by a later collection, after the core
+    worker is gone; their finalizers then reach the dead core worker and Ray aborts the whole
+    pytest process ("Check failed: core_worker_process"), in whatever test happens to run then.
+    """
+    import gc
+
+    import ray
+
+    gc.collect()
+    ray.shutdown()
+    gc.collect()
+
+
 @pytest.fixture
 def process_group(tmp_path):
     """A one-process gloo group (reuses one that is already up)."""

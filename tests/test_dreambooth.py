@@ -20,7 +20,7 @@ from mvdream_platform.training.dreambooth import (
 )
 from mvdream_platform.training.losses import ParameterPreservation
 
-from conftest import MESHES
+from conftest import MESHES, shutdown_ray
 from jobs_helpers import ROOT, compose, import_job
 
 DUCK = MESHES / "Duck.glb"  # the checkout's copy: tests never reach outside it
@@ -204,7 +204,7 @@ def test_dreambooth_job_on_two_ray_workers(tmp_path):
             f"prior.uri={prior}", "prior.fraction=0.5", "data.multiview_batch=2", "data.image_batch=2",
             f"run.storage_path={tmp_path}", "run.name=db"]))
     finally:
-        ray.shutdown()
+        shutdown_ray()
     run = Path(tmp_path) / "db"
     assert record["prompt"] == "a sks toy" and record["subject_records"] == 2
     saved = json.loads((run / "dreambooth.json").read_text())

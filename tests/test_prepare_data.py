@@ -17,7 +17,7 @@ from mvdream_platform.cameras import mvdream_to_orbit_azimuth, orbit_camera_to_w
 from mvdream_platform.data import layout
 from mvdream_platform.data.prepare import BUILTIN_PHOTOS
 
-from conftest import MESHES
+from conftest import MESHES, shutdown_ray
 from jobs_helpers import compose, import_job, run_job
 
 
@@ -73,13 +73,12 @@ def test_rerun_resumes_and_parallel_backends_match_serial(tmp_path):
 
 
 def test_ray_backend_renders_on_a_local_cluster(tmp_path):
-    import ray
 
     try:
         summary = _prepare("source=shapes", "num_objects=2", "views=4", "resolution=16",
                            "backend=ray", "workers=2", f"out={tmp_path / 'ray'}")
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert summary["rendered"] == 2
     assert len(list((tmp_path / "ray" / "objects").glob("*/cameras.json"))) == 2
 

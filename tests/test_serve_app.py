@@ -29,6 +29,7 @@ from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.serve.app import actor_alive
 from mvdream_platform.serve.store import JobStore
 
+from conftest import shutdown_ray
 from jobs_helpers import ROOT
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,7 @@ def server(tmp_path_factory):
     yield {"url": url, "storage": storage, "args": args,
            "client": MVDreamClient(url, token=TOKEN, timeout=120)}
     serve.shutdown()
-    ray.shutdown()
+    shutdown_ray()
     os.environ.pop(TOKEN_ENV, None)
 
 

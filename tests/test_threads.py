@@ -9,6 +9,8 @@ import torch
 
 from mvdream_platform.threads import cpus_available, set_torch_threads
 
+from conftest import shutdown_ray
+
 
 def test_outside_ray_the_affinity_mask_decides_and_a_number_wins():
     before = torch.get_num_threads()
@@ -47,4 +49,4 @@ def test_a_ray_task_uses_the_cpus_it_was_assigned():
         assert cpus_available()[1] != "the CPUs Ray assigned to this task"  # the driver is not a task
     finally:
         if started_here:  # later tests start Ray with their own settings
-            ray.shutdown()
+            shutdown_ray()

@@ -10,6 +10,7 @@ import pytest
 
 from mvdream_platform.pipelines import MVDreamPipeline
 
+from conftest import shutdown_ray
 from jobs_helpers import compose, import_job
 
 TINY = [
@@ -36,7 +37,7 @@ def ray_cluster():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 def _train(data, tmp_path, *overrides):

@@ -25,6 +25,7 @@ from mvdream_platform.tune.space import SearchSpace, SpaceError
 from mvdream_platform.tune.sweep import num_samples
 from test_text_to_3d_job import FAST
 
+from conftest import shutdown_ray
 from jobs_helpers import ROOT, compose, import_job
 
 # FAST runs of 8 steps, a checkpoint (and an objective score) every 2 steps, ASHA rungs at 2 and
@@ -43,7 +44,7 @@ def ray_cluster():
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 def _sweep_cfg(tmp: Path, name: str, *overrides: str):
