@@ -113,30 +113,37 @@ class TextTo3DWorker:
         import ray
 
         self.settings = ServeSettings.from_dict(args)
-        self.store = JobStore(self.settings.storage)
+        self.store = store_for(self.settings)
         self.pipe, self.device = _load_pipeline(self.settings, self.settings.worker.num_cpus)
         self.owner = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
 
-    async def run(self, job_id: str, attempt: int) -> dict[str, Any]:
+    async def run(self, job_id: str) -> dict[str, Any]:
         return await asyncio.to_thread(run_job, self.store, job_id, self.pipe, self.settings,
-                                       owner=self.owner, attempt=attempt, device=self.device,
-                                       owner_alive=actor_alive)
+                                       owner=self.owner, device=self.device, owner_alive=actor_alive)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 class JobQueue:
-    """Dispatches stored jobs to the workers, retries jobs whose worker died, and on start
-    re-dispatches every unfinished job on storage (a restarted application loses none)."""
+    """Dispatches stored jobs to the workers, sends a job again when its worker died, and on
+    start re-dispatches every unfinished job on storage in submission order (a restarted
+    application loses none).
+
+    The queue counts nothing itself: a worker numbers the run it starts in the job's lease
+    (:func:`.runner.run_job`), so a queue that dies and re-sends a running job adds no attempt.
+    A call that fails before any worker took the job (a replica dying while it loads) is
+    re-sent up to ``worker.max_attempts`` times.
+    """
 
     def __init__(self, args: dict[str, Any], worker):
         self.settings = ServeSettings.from_dict(args)
-        self.store = JobStore(self.settings.storage)
+        self.store = store_for(self.settings)
         self.worker = worker
         self.tasks: dict[str, asyncio.Task] = {}
         self.recovered = asyncio.get_event_loop().create_task(self._recover())
+        self.recovered.add_done_callback(_log_failure("recovering unfinished jobs"))
 
     async def _recover(self) -> None:
-        pending = await asyncio.to_thread(self.store.unfinished)
+        pending = await asyncio.to_thread(self.store.unfinished)  # one bad record skips only itself
         if pending:
             log.info("re-dispatching %d unfinished jobs", len(pending))
         for job_id in pending:
@@ -147,6 +154,19 @@ class JobQueue:
             self._dispatch(job_id)
         return len(job_ids)
 
+    async def cancel(self, job_id: str) -> None:
+        """A client cancelled: a job no worker has started is cancelled now (its pending call is
+        withdrawn); a running one stops at its next step (the worker sees the cancel file)."""
+        lease = await asyncio.to_thread(self.store.lease, job_id)
+        if lease is None or lease.get("phase") == "done":
+            task = self.tasks.get(job_id)
+            if task is not None and not task.done():
+                task.cancel()
+            state = await asyncio.to_thread(self.store.state, job_id)
+            if state["status"] not in TERMINAL:
+                await asyncio.to_thread(self.store.set_state, job_id, "cancelled",
+                                        attempts=int((lease or {}).get("attempt", 0)))
+
     async def stats(self) -> dict[str, int]:
         active = [t for t in self.tasks.values() if not t.done()]
         return {"active_jobs": len(active), "dispatched_since_start": len(self.tasks)}
@@ -154,38 +174,67 @@ class JobQueue:
     def _dispatch(self, job_id: str) -> None:
         task = self.tasks.get(job_id)
         if task is None or task.done():
-            self.tasks[job_id] = asyncio.get_event_loop().create_task(self._drive(job_id))
+            self.tasks[job_id] = task = asyncio.get_event_loop().create_task(self._drive(job_id))
+            task.add_done_callback(_log_failure(f"job {job_id}"))
 
     async def _drive(self, job_id: str) -> None:
         import ray.exceptions as rex
 
         store, limit = self.store, self.settings.worker.max_attempts
-        state = await asyncio.to_thread(store.state, job_id)
-        attempts = int(state.get("attempts", 0))
+        lost_before_start = 0
         while True:
             if await asyncio.to_thread(store.cancel_requested, job_id):
-                await asyncio.to_thread(store.set_state, job_id, "cancelled", attempts=attempts)
-                return
-            attempts += 1
-            await asyncio.to_thread(store.set_state, job_id, "queued", attempts=attempts)
-            try:
-                outcome = await self.worker.run.remote(job_id, attempts)
-            except (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError) as error:
-                # The replica died mid-job (killed, OOM, node lost): retry from the checkpoint.
-                log.warning("job %s: worker lost on attempt %d (%s)", job_id, attempts, type(error).__name__)
-                if attempts >= limit:
-                    await asyncio.to_thread(store.set_state, job_id, "failed", attempts=attempts,
-                                            error=f"worker died {attempts} times: {type(error).__name__}")
+                lease = await asyncio.to_thread(store.lease, job_id)
+                if lease is None or lease.get("phase") == "done":
+                    await asyncio.to_thread(store.set_state, job_id, "cancelled",
+                                            attempts=int((lease or {}).get("attempt", 0)))
                     return
+            before = await asyncio.to_thread(store.lease, job_id)
+            try:
+                outcome = await self.worker.run.remote(job_id)
+            except (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError) as error:
+                # The replica died (killed, OOM, node lost). If it had started a run, the worker
+                # that gets the job next counts one more attempt (or fails it at the limit);
+                # if not, nothing ran: re-send, a bounded number of times.
+                lease = await asyncio.to_thread(store.lease, job_id)
+                # a lease written during this call (new run or heartbeat): a worker held the job
+                started = lease is not None and (before is None or lease.get("heartbeat") != before.get("heartbeat"))
+                attempt = int((lease or {}).get("attempt", 0))
+                if not started:
+                    lost_before_start += 1
+                    if lost_before_start >= limit:
+                        await asyncio.to_thread(store.set_state, job_id, "failed", attempts=attempt,
+                                                error=f"no worker could start the job ({lost_before_start} "
+                                                      f"calls lost: {type(error).__name__})")
+                        return
+                reason = (f"worker died during attempt {attempt} ({type(error).__name__}); resuming from "
+                          f"its last checkpoint" if started else
+                          f"worker lost before starting the job ({type(error).__name__}); sending it again")
+                log.warning("job %s: %s", job_id, reason)
+                await asyncio.to_thread(store.set_state, job_id, "retrying", attempts=attempt,
+                                        retry_of=attempt, error=reason)
                 continue
             except Exception as error:  # a bug, not a lost worker: retrying would repeat it
                 log.exception("job %s failed", job_id)
-                await asyncio.to_thread(store.set_state, job_id, "failed", attempts=attempts,
-                                        error=f"{type(error).__name__}: {error}")
+                await asyncio.to_thread(store.set_state, job_id, "failed", error=f"{type(error).__name__}: {error}")
                 return
-            await asyncio.to_thread(store.set_state, job_id, outcome["status"], attempts=attempts,
-                                    error=outcome.get("error"))
+            await asyncio.to_thread(store.set_state, job_id, outcome["status"],
+                                    attempts=int(outcome.get("attempt", 0)), error=outcome.get("error"))
             return
+
+
+def store_for(settings: ServeSettings) -> JobStore:
+    return JobStore(settings.storage, lease_timeout_s=settings.worker.lease_timeout_s)
+
+
+def _log_failure(what: str):
+    """A done-callback that logs a background task's exception (asyncio would keep it silent)."""
+
+    def callback(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", what, exc_info=task.exception())
+
+    return callback
 
 
 # ---------------------------------------------------------------------------- HTTP ingress
@@ -318,7 +367,7 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
     class Ingress:
         def __init__(self, args: dict[str, Any], generator, queue):
             self.settings = ServeSettings.from_dict(args)
-            self.store = JobStore(self.settings.storage)
+            self.store = store_for(self.settings)
             self.generator, self.queue = generator, queue
             self.model_name = str(self.settings.model.get("name", "model"))
             self.tracker = _serving_tracker(self.settings)
@@ -341,7 +390,10 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
 
         @api.get("/healthz")
         async def healthz(self) -> dict[str, Any]:
-            return {"status": "ok", "model": self.model_name, "api": API_VERSION}
+            """Liveness, and the job records quarantined because they could not be read."""
+            quarantined = len(await asyncio.to_thread(self.store.quarantined))
+            return {"status": "ok", "model": self.model_name, "api": API_VERSION,
+                    "quarantined_records": quarantined}
 
         @api.post(f"/{API_VERSION}/multiview", response_model=MultiViewResponse, responses=errors, dependencies=auth)
         async def multiview(self, body: MultiViewRequest):  # type: ignore[valid-type]
@@ -421,7 +473,11 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
                 raise HTTPException(404, {"error": f"no job {job_id!r}"}) from None
             except UnknownAsset:
                 raise HTTPException(404, {"error": f"job {job_id} has no asset {name!r}"}) from None
-            data = await asyncio.to_thread(storage.read_bytes, uri)
+            try:
+                data = await asyncio.to_thread(storage.read_bytes, uri)
+            except FileNotFoundError:  # listed in result.json but gone from storage
+                log.error("job %s lists asset %s but storage has no %s", job_id, name, uri)
+                raise HTTPException(404, {"error": f"job {job_id}'s asset {name!r} is missing from storage"}) from None
             media = ASSET_TYPES.get(Path(name).suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
             return Response(content=data, media_type=media,
                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
@@ -433,6 +489,10 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
             if view["status"] in TERMINAL:
                 raise HTTPException(409, {"error": f"job {job_id} already {view['status']}"})
             await asyncio.to_thread(self.store.request_cancel, job_id)
+            try:  # a job no worker has started is cancelled now, not when a worker reaches it
+                await self.queue.cancel.remote(job_id)
+            except Exception:  # the queue restarting: the cancel file alone still stops the job
+                log.exception("queue unavailable while cancelling %s", job_id)
             view = await self._view(job_id)
             return JobView(**view)
 

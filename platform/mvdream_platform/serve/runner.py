@@ -47,14 +47,19 @@ def job_sds_config(settings: ServeSettings, options: dict[str, Any]) -> SDSConfi
 
 def lease_is_live(lease: dict[str, Any] | None, timeout_s: float,
                   owner_alive: Callable[[str], bool] | None = None) -> bool:
-    """True while another worker holds the job: its heartbeat is fresh and (when we can tell)
-    its actor is alive. A lease that says the job is done is not held."""
+    """True while another worker holds the job. A lease that says the job is done is not held.
+
+    When the owner's liveness can be told (``owner_alive``), it decides: a dead owner frees the
+    job at once, a live one keeps it even through a late heartbeat (a slow export is not a
+    death, and taking the job over would run it twice). Otherwise a heartbeat older than
+    ``timeout_s`` frees it.
+    """
     if not lease or lease.get("phase") == "done":
         return False
-    if time.time() - float(lease.get("heartbeat", 0)) > timeout_s:
-        return False
     owner = lease.get("owner")
-    return owner_alive(owner) if (owner and owner_alive is not None) else True
+    if owner and owner_alive is not None:
+        return owner_alive(owner)
+    return time.time() - float(lease.get("heartbeat", 0)) <= timeout_s
 
 
 class Heartbeat:
@@ -96,33 +101,53 @@ class Heartbeat:
                 log.exception("heartbeat of %s failed", self.job_id)
 
 
+def next_attempt(lease: dict[str, Any] | None) -> tuple[int, bool]:
+    """(the number of the run a worker starts now, whether the previous holder died mid-run),
+    from the job's last lease: 1 for a job never started; one more than the last run
+    otherwise."""
+    if not lease:
+        return 1, False
+    return int(lease.get("attempt", 0)) + 1, lease.get("phase") != "done"
+
+
 def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owner: str,
-            attempt: int = 1, device="cpu",
-            owner_alive: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """Run (or resume, or just confirm) job ``job_id``; returns ``{"status": ..., ...}``.
+            device="cpu", owner_alive: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Run (or resume, or just confirm) job ``job_id``; returns ``{"status", "attempt", ...}``.
 
     Status is ``succeeded`` (result.json written), ``cancelled`` or ``failed`` (with ``error``);
-    a dying process raises nothing, of course: the queue sees the actor die and retries.
+    a dying process raises nothing, of course: the queue sees the actor die and sends the job
+    again. ``attempt`` is the run this call started (or the last run, when it started none):
+    a worker that finds the job held by a live worker waits for it instead of starting one, so
+    a re-sent call never counts as an attempt, and a job whose workers died
+    ``worker.max_attempts`` times fails instead of starting again.
     """
     worker = settings.worker
     while True:  # another live worker holds the job (a restarted queue re-sent it): wait for it
-        if store.result(job_id) is not None:
-            return {"status": "succeeded"}
         lease = store.lease(job_id)  # one read per poll: the holder rewrites it meanwhile
+        if store.result(job_id) is not None:
+            return {"status": "succeeded", "attempt": int((lease or {}).get("attempt", 1))}
         if not lease_is_live(lease, worker.lease_timeout_s, owner_alive) or lease.get("owner") == owner:
             break
         time.sleep(min(1.0, worker.heartbeat_s))
+    attempt, died = next_attempt(lease)
     if store.cancel_requested(job_id):
-        return {"status": "cancelled"}
+        return {"status": "cancelled", "attempt": attempt - 1}
+    if died and attempt > worker.max_attempts:
+        return {"status": "failed", "attempt": attempt - 1,
+                "error": f"the worker running this job died {attempt - 1} times (worker.max_attempts)"}
     request = store.request(job_id)
     try:
         cfg = job_sds_config(settings, request["options"])
         cfg.validate()
     except (ValueError, TypeError) as error:
-        return {"status": "failed", "error": f"bad job options: {error}"}
+        return {"status": "failed", "attempt": attempt - 1, "error": f"bad job options: {error}"}
 
     started = time.time()
     with Heartbeat(store, job_id, owner, attempt, worker.heartbeat_s) as beat:
+        if store.cancel_requested(job_id):  # cancelled while the lease was being taken
+            beat.update(phase="done")
+            beat.write()
+            return {"status": "cancelled", "attempt": attempt}
         beat.update(phase="optimising", steps=cfg.steps)
 
         def on_log(metrics: dict[str, float], _checkpoint) -> None:
@@ -143,12 +168,12 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
         except JobCancelled:
             beat.update(phase="done")
             beat.write()
-            return {"status": "cancelled"}
+            return {"status": "cancelled", "attempt": attempt}
         except Exception as error:  # the job's own failure (not the process's): report it
             log.exception("job %s failed", job_id)
             beat.update(phase="done")
             beat.write()
-            return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+            return {"status": "failed", "attempt": attempt, "error": f"{type(error).__name__}: {error}"}
         assets = result.files()
         if storage.exists(storage.join(store.out(job_id), "metrics.json")):
             assets.append("metrics.json")
@@ -158,4 +183,4 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
                                     "attempt": attempt, "owner": owner})
         beat.update(phase="done", step=cfg.steps, eta_s=0.0)
         beat.write()
-    return {"status": "succeeded"}
+    return {"status": "succeeded", "attempt": attempt}

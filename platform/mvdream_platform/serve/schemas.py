@@ -88,9 +88,10 @@ class JobsAccepted(BaseModel):
 class JobView(BaseModel):
     id: str
     prompt: str
-    status: str = Field(description="queued | running | cancelling | succeeded | failed | cancelled")
+    status: str = Field(description="queued | running | retrying (its worker died; `error` says why) | "
+                                    "cancelling | succeeded | failed | cancelled")
     options: dict[str, Any]
-    attempts: int
+    attempts: int = Field(description="runs a worker started: 1, plus one for each worker that died holding it")
     created: float
     finished: float | None = None
     error: str | None = None

@@ -12,11 +12,24 @@ ever read-modify-write the same object:
 * ``out/``: the text-to-3D run folder (assets, metrics.json, resumable field checkpoints).
 
 Every JSON write is atomic (:func:`mvdream_platform.storage.write_json`), so a reader sees the
-old or the new file, never half of one.
+old or the new file, never half of one. A record that still cannot be read (a disk fault, a
+hand edit, a truncated copy) is *quarantined*: moved to ``<storage>/quarantine/<id>/`` with the
+reason beside it, logged and counted (``/healthz``), and the job goes on without it where it can:
+
+* ``state.json`` / ``lease.json`` / ``result.json``: the job is treated as not started / not held
+  / not finished, so the queue runs it again (resuming from its field checkpoints);
+* ``request.json``: the job cannot run; it shows as ``failed`` with the reason.
+
+One unreadable job never stops the others from being listed or resumed.
+
+``attempts`` counts the runs a worker started (:func:`.runner.run_job` writes it in the lease):
+1 for a job that ran once, one more for each worker that died while holding it. A queue restart
+or a re-sent call never adds one.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
@@ -25,10 +38,14 @@ from typing import Any
 
 from .. import storage
 
+log = logging.getLogger(__name__)
+
 JOB_ID = re.compile(r"^[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
 ASSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", "cancelling") + TERMINAL
+# ``retrying``: its worker died; the queue has sent it again (the reason is in ``error``).
+STATUSES = ("queued", "running", "retrying", "cancelling") + TERMINAL
+REQUEST_UNREADABLE = "the stored request of this job could not be read (quarantined); submit the prompt again"
 
 
 class UnknownJob(KeyError):
@@ -39,6 +56,10 @@ class UnknownAsset(KeyError):
     """The job has no asset of this name."""
 
 
+class UnreadableJob(Exception):
+    """The job exists but its request could not be read (it was quarantined)."""
+
+
 def new_job_id() -> str:
     """Sortable by creation time (UTC second), unguessable suffix: ``20261126T001500-1a2b3c4d``."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
@@ -46,9 +67,14 @@ def new_job_id() -> str:
 
 @dataclass
 class JobStore:
-    """Jobs under ``root`` (a local path or fsspec URI)."""
+    """Jobs under ``root`` (a local path or fsspec URI).
+
+    ``lease_timeout_s``: a lease whose heartbeat is older than this does not make a job show as
+    ``running`` (its worker is gone or stuck; the queue's retry decides what happens next).
+    """
 
     root: str
+    lease_timeout_s: float = 120.0
 
     # -------------------------------------------------------------- paths
     def folder(self, job_id: str) -> str:
@@ -64,11 +90,55 @@ class JobStore:
         return storage.join(self.folder(job_id), name)
 
     def _read(self, job_id: str, name: str) -> dict[str, Any] | None:
+        """The record, or None when it is absent or was unreadable (then it is quarantined)."""
         uri = self._file(job_id, name)
         try:
-            return storage.read_json(uri)
+            record = storage.read_json(uri)
         except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+            self._quarantine(job_id, name, f"{type(error).__name__}: {error}")
+            return None
+        if not isinstance(record, dict):
+            self._quarantine(job_id, name, f"not a JSON object but {type(record).__name__}")
+            return None
+        return record
+
+    # -------------------------------------------------------------- quarantine
+    def _quarantine_folder(self, job_id: str) -> str:
+        return storage.join(self.root, "quarantine", job_id)
+
+    def _quarantine(self, job_id: str, name: str, reason: str) -> None:
+        """Move an unreadable record aside (bytes and reason kept for an operator)."""
+        uri = self._file(job_id, name)
+        stamp = f"{time.time():.6f}"
+        target = storage.join(self._quarantine_folder(job_id), f"{stamp}-{name}")
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:  # another reader moved it first
+            return
+        storage.write_bytes(target, data)
+        storage.write_json(target + ".why.json", {"job": job_id, "file": name, "reason": reason,
+                                                  "bytes": len(data), "time": float(stamp)})
+        storage.remove(uri)
+        log.error("job %s: %s could not be read (%s); quarantined to %s", job_id, name, reason, target)
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        """Every quarantined record (job, file, reason, bytes, time), oldest first."""
+        records = []
+        for job_id in storage.listdir(storage.join(self.root, "quarantine")):
+            folder = self._quarantine_folder(job_id)
+            for name in storage.listdir(folder):
+                if name.endswith(".why.json"):
+                    try:
+                        records.append(storage.read_json(storage.join(folder, name)))
+                    except (ValueError, UnicodeDecodeError, FileNotFoundError):
+                        records.append({"job": job_id, "file": name[:-len(".why.json")], "reason": "unknown"})
+        return sorted(records, key=lambda r: r.get("time", 0.0))
+
+    def request_quarantined(self, job_id: str) -> bool:
+        return any(n.endswith("-request.json.why.json")
+                   for n in storage.listdir(self._quarantine_folder(job_id)))
 
     # -------------------------------------------------------------- writers
     def create(self, prompt: str, options: dict[str, Any]) -> str:
@@ -94,7 +164,8 @@ class JobStore:
         storage.write_json(self._file(job_id, "lease.json"), lease | {"heartbeat": time.time()})
 
     def request_cancel(self, job_id: str) -> None:
-        storage.write_bytes(self._file(job_id, "cancel"), b"")
+        """Ingress only: the client's cancel, with its time (a job no one started ends then)."""
+        storage.write_bytes(self._file(job_id, "cancel"), f"{time.time():.6f}".encode())
 
     def write_result(self, job_id: str, result: dict[str, Any]) -> None:
         """Worker only, last: the asset list that makes the job's outputs downloadable."""
@@ -102,8 +173,12 @@ class JobStore:
 
     # -------------------------------------------------------------- readers
     def request(self, job_id: str) -> dict[str, Any]:
+        """The job's request; raises :class:`UnknownJob` (no such job) or
+        :class:`UnreadableJob` (its request was quarantined)."""
         request = self._read(job_id, "request.json")
         if request is None:
+            if self.request_quarantined(job_id):
+                raise UnreadableJob(job_id)
             raise UnknownJob(job_id)
         return request
 
@@ -119,14 +194,28 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return storage.exists(self._file(job_id, "cancel"))
 
+    def cancel_time(self, job_id: str) -> float | None:
+        try:
+            return float(storage.read_bytes(self._file(job_id, "cancel")).decode())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):  # an empty file from an older version
+            return 0.0
+
     def job_ids(self) -> list[str]:
         """All job ids, oldest first."""
         return [n for n in storage.listdir(storage.join(self.root, "jobs")) if JOB_ID.match(n)]
 
     def unfinished(self) -> list[str]:
-        """Accepted jobs that have not reached a terminal state (what a restart must resume)."""
-        return [j for j in self.job_ids()
-                if storage.exists(self._file(j, "request.json")) and self.state(j)["status"] not in TERMINAL]
+        """Accepted jobs that have not reached a terminal state (what a restart must resume), in
+        submission order. Unreadable records are quarantined on the way; a job whose request is
+        unreadable cannot run and is left out (its view says so)."""
+        pending = []
+        for job_id in self.job_ids():
+            request = self._read(job_id, "request.json")
+            if request is not None and self.state(job_id)["status"] not in TERMINAL:
+                pending.append((float(request.get("created", 0.0)), job_id))
+        return [job_id for _, job_id in sorted(pending)]  # ids sort by second only
 
     def asset_uri(self, job_id: str, name: str) -> str:
         """The URI of one of the job's finished assets; names outside its asset list are refused,
@@ -137,29 +226,49 @@ class JobStore:
         return storage.join(self.out(job_id), name)
 
     def view(self, job_id: str) -> dict[str, Any]:
-        """What GET /v1/jobs/{id} shows: status, progress, ETA, error, asset names."""
-        request = self.request(job_id)
+        """What GET /v1/jobs/{id} shows: status, progress, ETA, error, asset names.
+
+        The status is what is happening now: ``running`` only while a worker's lease is fresh,
+        ``retrying`` (with the reason) while a dead worker's job waits for its next attempt,
+        ``cancelled`` at once for a job no worker has started.
+        """
+        try:
+            request = self.request(job_id)
+        except UnreadableJob:
+            return {"id": job_id, "prompt": "", "options": {}, "status": "failed", "attempts": 0,
+                    "created": 0.0, "error": REQUEST_UNREADABLE, "assets": []}
         state = self.state(job_id)
         result = self.result(job_id)
+        lease = self.lease(job_id)
         status = state["status"]
         if result is not None and status not in TERMINAL:
             # The worker wrote its result but the queue died before recording it; its restart
             # will. The result is written last and only when complete, so it is authoritative.
             status = "succeeded"
+        attempts = max(int(state.get("attempts", 0)), int((lease or {}).get("attempt", 0)))
         view: dict[str, Any] = {
             "id": job_id, "prompt": request["prompt"], "options": request["options"],
-            "status": status, "attempts": state.get("attempts", 0), "created": request["created"],
+            "status": status, "attempts": attempts, "created": request["created"],
             "error": state.get("error"),
         }
-        lease = self.lease(job_id)
+        holding = lease is not None and lease.get("phase") not in (None, "done")
+        fresh = holding and time.time() - float(lease.get("heartbeat", 0.0)) <= self.lease_timeout_s
         if lease is not None:
             view["progress"] = {k: lease.get(k) for k in ("step", "steps", "phase", "loss", "eta_s", "heartbeat")}
-            if status == "queued" and lease.get("phase") not in (None, "done"):
-                view["status"] = status = "running"
-        if status not in TERMINAL and self.cancel_requested(job_id):
-            view["status"] = "cancelling"
-        if status in TERMINAL:
-            view["finished"] = state.get("finished", (lease or {}).get("heartbeat"))
+        if status not in TERMINAL:
+            retried_attempt = int(state.get("retry_of", 0))
+            if fresh and int(lease.get("attempt", 0)) > retried_attempt:
+                status = "running"  # a live worker holds it (the retry's new attempt, if any)
+            elif status == "running":
+                status = "queued"  # a stale 'running' from a queue that died: nobody holds it
+            if self.cancel_requested(job_id):
+                status = "cancelling" if fresh else "cancelled"  # nobody runs it: nothing to wait for
+            view["status"] = status
+            if status == "running":
+                view["error"] = None  # the retry's reason is history once the new attempt runs
+        if view["status"] in TERMINAL:
+            view["finished"] = (state.get("finished") or (lease or {}).get("heartbeat")
+                                or self.cancel_time(job_id) or state.get("updated"))
         view["assets"] = sorted(result["assets"]) if result and status == "succeeded" else []
         if result and status == "succeeded":
             view["metrics"] = result.get("metrics")
