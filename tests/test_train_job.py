@@ -99,6 +99,27 @@ def test_a_killed_worker_is_survived_and_the_run_ends_at_the_right_step(data, tm
     assert steps[restart:] == [3, 4, 5]
 
 
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one(data, tmp_path, ray_cluster):
+    _train(data, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2", "run.name=damaged")
+    run = tmp_path / "runs" / "damaged"
+    checkpoints = sorted(c for c in run.glob("checkpoint_*") if c.is_dir())
+    assert [int((c / "COMPLETE").read_text()) for c in checkpoints] == [2, 4]
+    weights = checkpoints[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # the newest checkpoint, truncated
+    resumed = _train(data, tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=2", "run.name=damaged",
+                     "run.max_failures=0")  # no retry needed: the fallback happens in the first try
+    assert resumed["metrics"]["step"] == 6
+    assert _logged_steps(run) == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3 and 4 again, from step 2's state
+
+
+def test_missing_data_fails_before_the_cluster_starts(data, tmp_path):
+    job = import_job("train")
+    with pytest.raises(ValueError, match="training data: no readable text-image rows"):
+        job.run(compose("train", TINY + [f"data.uri={data['mv']}", f"data.image_uri={tmp_path / 'nothing'}",
+                                         f"run.storage_path={tmp_path / 'runs'}", "run.name=nodata"]))
+    assert not list((tmp_path / "runs" / "nodata").glob("checkpoint_*"))
+
+
 def test_bad_training_config_is_rejected_by_name(tmp_path):
     job = import_job("train")
     with pytest.raises(ValueError, match="trainer.prediction_type"):

@@ -6,19 +6,26 @@ A checkpoint folder holds::
     ema.safetensors        the EMA weights, when EMA is on
     optimizer.pt           optimizer state (torch.save; tensors + per-parameter-group settings)
     state.json             step, lr-scheduler state, data-loader position, RNG states
-    COMPLETE               written last: a folder without it is never loaded
+    manifest.json          size and SHA-256 of each file above
+    COMPLETE               written last (holds the step): a folder without it is never loaded
 
 Ray Train copies the folder to the run's storage and registers it only after the copy, and
 we refuse folders without ``COMPLETE`` as a second line of defence, so a crash mid-write can
-never produce a checkpoint that loads as if it were whole.
+never produce a checkpoint that loads as if it were whole. A checkpoint damaged *after* it was
+written (a truncated copy, a disk fault) fails :func:`verify_checkpoint` before anything is
+loaded from it, and :func:`restore_newest_good` resumes from the newest intact checkpoint of
+the run instead (Ray Train's own list of checkpoints is left as it is).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,12 @@ from safetensors.torch import load_file, save_file
 from .optim import unwrap_model
 
 COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint folder that is incomplete or does not match its manifest."""
 
 
 def rng_state() -> dict[str, str]:
@@ -72,8 +85,91 @@ def save_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
         "extra": extra or {},
     }
     (folder / "state.json").write_text(json.dumps(state, default=_jsonable))
+    manifest = {f.name: _describe(f) for f in sorted(folder.iterdir()) if f.name not in (MANIFEST, COMPLETE)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (folder / COMPLETE).write_text(str(step))
     return folder
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> int:
+    """Check a checkpoint folder against its manifest; returns its step.
+
+    Raises:
+        CorruptCheckpoint: no ``COMPLETE`` marker, an unreadable manifest, or a file that is
+            missing or whose size or SHA-256 differs (the message names the file). Folders
+            written before manifests existed are checked for ``COMPLETE`` only.
+    """
+    folder = Path(folder)
+    try:
+        step = int((folder / COMPLETE).read_text().strip() or -1)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"checkpoint {folder} is incomplete (no {COMPLETE} marker); "
+                                "refusing to load it") from None
+    except ValueError:
+        raise CorruptCheckpoint(f"checkpoint {folder}: {COMPLETE} does not hold a step") from None
+    if not (folder / MANIFEST).is_file():
+        return step  # an older checkpoint: nothing more to compare against
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptCheckpoint(f"checkpoint {folder}: {MANIFEST} is unreadable ({error})") from None
+    for name, expected in sorted(manifest.items()):
+        path = folder / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"checkpoint {folder}: {name} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CorruptCheckpoint(f"checkpoint {folder}: {name} has {size} bytes, "
+                                    f"the manifest says {expected['bytes']}")
+        if _describe(path)["sha256"] != expected["sha256"]:
+            raise CorruptCheckpoint(f"checkpoint {folder}: {name} does not match its SHA-256")
+    return step
+
+
+def restore_newest_good(latest: Any, siblings: Callable[[], list[Any]],
+                        load: Callable[[str], dict[str, Any]]) -> tuple[dict[str, Any], Any]:
+    """Load the newest intact checkpoint: ``latest`` first, then older ones, newest first.
+
+    ``latest`` and the items of ``siblings()`` are ``ray.train.Checkpoint``-like objects
+    (``.path`` and ``.as_directory()``); ``load(folder)`` verifies and loads one folder and
+    returns its state. A checkpoint that fails verification or loading is skipped with a
+    warning naming why; ``siblings`` is only listed when ``latest`` is bad.
+
+    Returns (state, the checkpoint it came from). Raises ``RuntimeError`` listing every reason
+    when no checkpoint of the run is intact.
+    """
+    problems: list[str] = []
+    candidates = [latest]
+    tried: set[str] = set()
+    listed = False
+    while True:
+        while candidates:
+            checkpoint = candidates.pop(0)
+            if str(checkpoint.path) in tried:
+                continue
+            tried.add(str(checkpoint.path))
+            try:
+                with checkpoint.as_directory() as folder:
+                    state = load(folder)
+            except Exception as error:  # verification, or a loader refusing damaged bytes
+                problems.append(f"{checkpoint.path}: {error}")
+                log.warning("skipping damaged checkpoint %s (%s); trying an older one", checkpoint.path, error)
+                continue
+            if problems:
+                log.warning("resumed from %s (step %s), the newest intact checkpoint", checkpoint.path,
+                            state.get("step"))
+            return state, checkpoint
+        if listed:
+            raise RuntimeError("no intact checkpoint to resume from:\n  " + "\n  ".join(problems))
+        candidates, listed = list(siblings()), True
 
 
 def load_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
@@ -81,11 +177,11 @@ def load_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
                         ema: Any = None, restore_rng: bool = True) -> dict[str, Any]:
     """Restore what :func:`save_training_state` wrote; returns ``state.json`` (step, loader, ...).
 
-    Raises ``ValueError`` for an incomplete folder (no ``COMPLETE`` marker).
+    Raises :class:`CorruptCheckpoint` (a ``ValueError``) for a folder that is incomplete or
+    does not match its manifest (:func:`verify_checkpoint`), before anything is loaded.
     """
     folder = Path(folder)
-    if not (folder / COMPLETE).is_file():
-        raise ValueError(f"checkpoint {folder} is incomplete (no {COMPLETE} marker); refusing to load it")
+    verify_checkpoint(folder)
     unwrap_model(model).load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     state = json.loads((folder / "state.json").read_text())
     if optimizer is not None:

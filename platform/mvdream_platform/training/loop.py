@@ -39,7 +39,7 @@ import torch
 
 from .. import storage
 from ..pipelines.loading import build_pipeline
-from .checkpointing import load_training_state, save_training_state
+from .checkpointing import load_training_state, restore_newest_good, save_training_state
 from .comm_timing import attach_allreduce_timer
 from .config import TrainJobConfig
 from .losses import NoiseSchedule, ParameterPreservation, diffusion_loss, drop_text
@@ -96,10 +96,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_training_state(folder, model=unet, optimizer=optimizer,
-                                        lr_scheduler=lr_scheduler, ema=ema)
+    if checkpoint is not None:  # a damaged newest checkpoint falls back to the newest intact one
+        state, _ = restore_newest_good(
+            checkpoint, lambda: run_checkpoints(cfg),
+            lambda folder: load_training_state(folder, model=unet, optimizer=optimizer,
+                                               lr_scheduler=lr_scheduler, ema=ema))
         start_step = state["step"]
         log.info("rank %d resumed from step %d", rank, start_step)
 
@@ -176,6 +177,15 @@ def _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator, dev
     with autocast:
         return diffusion_loss(model, x0, context, camera, frames, schedule,
                               prediction_type=cfg.trainer.prediction_type, generator=generator)
+
+
+def run_checkpoints(cfg: TrainJobConfig) -> list:
+    """Every checkpoint folder Ray Train wrote for this run, newest first (its folder names
+    carry the time they were written)."""
+    import ray.train
+
+    names = [n for n in storage.listdir(run_dir(cfg)) if n.startswith("checkpoint_")]
+    return [ray.train.Checkpoint(storage.join(run_dir(cfg), n)) for n in sorted(names, reverse=True)]
 
 
 def _make_loader(cfg: TrainJobConfig, rank: int, world: int, start_micro_step: int):

@@ -64,10 +64,33 @@ def absolute_local_paths(cfg: TrainJobConfig) -> None:
         cfg.model.path = fix(cfg.model.path)
 
 
+def preflight(cfg: TrainJobConfig) -> None:
+    """Fail now, in the driver, on what no retry can fix: data folders that are missing or
+    hold nothing readable, a model folder that is not there. Ray Train retries a worker's error
+    ``run.max_failures`` times, which only helps against lost workers."""
+    from ..data.mixture import MixtureLoader
+
+    model = cfg.model
+    if model.source in ("pipeline", "sd") and storage.is_local(model.path) and not os.path.exists(
+            storage.local_path(model.path)):
+        raise ValueError(f"model.path {model.path!r} does not exist (model.source={model.source!r})")
+    try:  # lists both datasets (manifests, shard indices) the way every worker will
+        MixtureLoader.from_uris(cfg.data.uri, cfg.data.image_uri, resolution=cfg.data.resolution,
+                                num_views=cfg.data.num_views, seed=cfg.trainer.seed,
+                                multiview_batch=cfg.data.multiview_batch, image_batch=cfg.data.image_batch,
+                                p_multiview=cfg.data.p_multiview, num_workers=0,
+                                # the last rank gets the fewest items: it must get some
+                                world_size=max(1, cfg.cluster.num_workers),
+                                rank=max(0, cfg.cluster.num_workers - 1))
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"training data: {error}") from error
+
+
 def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
-    """Validate, start (or join) Ray, train, and return a summary of the run."""
+    """Validate, check the inputs, start (or join) Ray, train, and return a summary of the run."""
     cfg.validate()
     absolute_local_paths(cfg)
+    preflight(cfg)
     ensure_ray(num_cpus=None)
     result = build_trainer(cfg).fit()
     summary = {
