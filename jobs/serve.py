@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import threading
 
@@ -23,13 +22,13 @@ import hydra
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from mvdream_platform.serve.app import build_app, openapi_document, resolve_paths
+from mvdream_platform.serve.app import build_app, configured_token, openapi_document, resolve_paths
+from mvdream_platform.serve.app import check_exposure as exposure_check
 from mvdream_platform.serve.settings import ServeSettings
 
 from _common import expand_model_argv
 
 log = logging.getLogger("serve")
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 APP_KEYS = tuple(ServeSettings.__dataclass_fields__)
 
 
@@ -53,11 +52,10 @@ def serve_config(cfg: DictConfig, args: dict) -> dict:
 
 def check_exposure(cfg: DictConfig) -> None:
     """Refuse to listen beyond this machine without a token unless explicitly allowed."""
-    if cfg.http.host in LOCAL_HOSTS or os.environ.get(cfg.auth_token_env) or cfg.allow_anonymous_remote:
-        return
-    raise SystemExit(f"http.host={cfg.http.host} exposes the API beyond this machine: set "
-                     f"{cfg.auth_token_env} to a secret token (clients send 'Authorization: Bearer "
-                     f"<token>'), or pass allow_anonymous_remote=true")
+    try:
+        exposure_check(cfg.http.host, cfg.auth_token_env, cfg.allow_anonymous_remote)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def run(cfg: DictConfig) -> None:
@@ -79,7 +77,7 @@ def run(cfg: DictConfig) -> None:
         print(f"wrote {cfg.export_openapi}")
         return
     check_exposure(cfg)
-    if not os.environ.get(cfg.auth_token_env):
+    if not configured_token(cfg.auth_token_env):
         log.warning("no %s set: the API accepts requests without a token", cfg.auth_token_env)
     ray.init(address=cfg.ray_address, ignore_reinit_error=True)
     serve.start(http_options={"host": cfg.http.host, "port": int(cfg.http.port)})

@@ -133,6 +133,14 @@ def test_request_validation_names_field_and_allowed_range():
         ("/t3d", {"prompts": ["a"], "guidance": "magic"}, "guidance", "'mvdream' or 'dreamfusion'"),
         ("/t3d", {"prompts": ["a"], "seed": -1}, "seed", ">= 0"),
         ("/t3d", {"prompts": "a cube"}, "prompts", None),
+        # numbers are JSON numbers: no strings, no booleans, no 4.0 for a choice of integers
+        ("/t3d", {"prompts": ["a"], "steps": "5"}, "steps", None),
+        ("/t3d", {"prompts": ["a"], "steps": True}, "steps", None),
+        ("/t3d", {"prompts": ["a"], "seed": 1.5}, "seed", None),
+        ("/mv", {"prompts": ["a"], "num_views": True}, "num_views", None),
+        ("/mv", {"prompts": ["a"], "num_views": 4.0}, "num_views", None),
+        ("/mv", {"prompts": ["a"], "guidance_scale": "3"}, "guidance_scale", None),
+        ("/mv", {"prompts": ["a"], "elevation": False}, "elevation", None),
     ]
     for path, body, field, allowed in cases:
         r = client.post(path, json=body)
@@ -145,6 +153,50 @@ def test_request_validation_names_field_and_allowed_range():
     assert r.status_code == 400 and r.json()["error"] == "malformed JSON body"
     r = client.post("/mv", json={"prompts": ["a" * 10] * 50})
     assert r.status_code == 413 and r.json()["errors"][0]["allowed"] == "<= 400 bytes"
+    # an integer where a float is asked for is a number all the same
+    assert client.post("/mv", json={"prompts": ["a"], "guidance_scale": 3, "elevation": 0}).status_code == 200
+
+    def chunks(total: int):  # no Content-Length: the body arrives chunked
+        for _ in range(total // 100):
+            yield b" " * 100
+
+    r = client.post("/mv", content=chunks(1000), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "request body too large"
+    r = client.post("/mv", content=(b for b in [b'{"prompts": ', b'["a"]}']), headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["prompts"] == ["a"]  # a small chunked body is replayed whole
+
+
+def test_every_error_has_one_shape_and_no_token_is_a_401_before_anything_else(monkeypatch):
+    from mvdream_platform.serve.app import make_ingress
+
+    monkeypatch.setenv("MVDREAM_SERVE_TOKEN", "s3cret")
+    _, api = make_ingress(ServeSettings(model=TINY_MODEL))
+    client = TestClient(api)
+    for method, path, kwargs in [("post", "/v1/text-to-3d", {"content": b"{broken"}),
+                                 ("post", "/v1/multiview", {"json": {"prompts": []}}),
+                                 ("get", "/v1/jobs/nope", {}), ("delete", "/v1/jobs/x", {}),
+                                 ("get", "/v1/no-such-route", {})]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "Bearer "}):
+            r = getattr(client, method)(path, headers=headers, **kwargs)
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.json() == {"error": "missing or invalid bearer token", "errors": []}
+            assert r.headers["www-authenticate"] == "Bearer"
+    r = client.get("/no-such-route")  # outside /v1: Starlette's own 404, in our shape
+    assert r.status_code == 404 and r.json() == {"error": "Not Found", "errors": []}
+    r = client.put("/healthz")
+    assert r.status_code == 405 and set(r.json()) == {"error", "errors"}
+
+
+def test_a_blank_token_is_no_token(monkeypatch):
+    from mvdream_platform.serve.app import _token_digest, check_exposure
+
+    monkeypatch.setenv("MVDREAM_SERVE_TOKEN", "   ")
+    assert _token_digest("MVDREAM_SERVE_TOKEN") is None
+    with pytest.raises(ValueError, match="set but blank"):
+        check_exposure("0.0.0.0", "MVDREAM_SERVE_TOKEN")
+    check_exposure("127.0.0.1", "MVDREAM_SERVE_TOKEN")
+    check_exposure("0.0.0.0", "MVDREAM_SERVE_TOKEN", allow_anonymous_remote=True)
 
 
 def test_batched_sampling_equals_solo_and_direct_pipeline(tiny_pipeline):

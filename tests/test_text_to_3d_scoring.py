@@ -292,11 +292,12 @@ def test_result_json_keeps_the_metrics_keys_and_round_trips():
     record = result.to_json()
     assert list(record) == ["prompt", "seed", "guidance", "steps", "resumed_from", "optimise_seconds",
                             "final", "assets", "total_seconds"]  # no quality without one
-    assert TextTo3DResult.from_json(record) == result
+    assert record["assets"] == {"mesh.glb": "mesh.glb", "mesh_error": "x"}  # no server path
+    assert TextTo3DResult.from_json(record, "/o") == result
     assert result.final_loss == 0.25 and result.files() == ["mesh.glb"]
     result.quality = {"mean_iou": 0.5}
     assert list(result.to_json())[-2:] == ["quality", "total_seconds"]
-    assert TextTo3DResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+    assert TextTo3DResult.from_json(json.loads(json.dumps(result.to_json())), "/o") == result
 
 
 def test_the_sds_package_imports_nothing_from_evaluation():

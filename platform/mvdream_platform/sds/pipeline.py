@@ -117,24 +117,30 @@ class TextTo3DResult:
         return sorted(name for name in self.assets if "." in name and not name.endswith("_error"))
 
     def to_json(self) -> dict[str, Any]:
-        """metrics.json's content (``quality`` only when there is one)."""
+        """metrics.json's content (``quality`` only when there is one). Asset files are named
+        relative to the run folder (metrics.json's own folder), so the record never shows where
+        the run lives (a server's storage path) and stays true when the folder is moved."""
+        assets = {name: name if name in self.files() else value for name, value in self.assets.items()}
         record = {"prompt": self.prompt, "seed": self.seed, "guidance": self.guidance,
                   "steps": self.steps, "resumed_from": self.resumed_from,
                   "optimise_seconds": self.optimise_seconds, "final": self.final,
-                  "assets": dict(self.assets)}
+                  "assets": assets}
         if self.quality is not None:
             record["quality"] = self.quality
         record["total_seconds"] = self.total_seconds
         return record
 
     @classmethod
-    def from_json(cls, record: dict[str, Any]) -> TextTo3DResult:
-        """Read back a metrics.json record."""
-        return cls(prompt=record["prompt"], seed=record["seed"], guidance=record["guidance"],
-                   steps=record["steps"], resumed_from=record["resumed_from"],
-                   optimise_seconds=record["optimise_seconds"], final=record.get("final"),
-                   assets=dict(record.get("assets") or {}), quality=record.get("quality"),
-                   total_seconds=record.get("total_seconds", 0.0))
+    def from_json(cls, record: dict[str, Any], folder: str) -> TextTo3DResult:
+        """Read back a metrics.json record found in ``folder`` (asset URIs resolve against it)."""
+        result = cls(prompt=record["prompt"], seed=record["seed"], guidance=record["guidance"],
+                     steps=record["steps"], resumed_from=record["resumed_from"],
+                     optimise_seconds=record["optimise_seconds"], final=record.get("final"),
+                     assets=dict(record.get("assets") or {}), quality=record.get("quality"),
+                     total_seconds=record.get("total_seconds", 0.0))
+        result.assets = {name: storage.join(folder, name) if name in result.files() else value
+                         for name, value in result.assets.items()}
+        return result
 
 
 def run_text_to_3d(prompt: str, pipe, cfg: SDSConfig, out: str, *, seed: int = 0,

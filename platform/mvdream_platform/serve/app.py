@@ -34,7 +34,9 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import exceptions as ray_errors
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import storage
 from .generator import SampleItem, SamplingKey, key_dict, sample_items
@@ -55,6 +57,8 @@ from .store import JOB_ID, TERMINAL, JobStore, UnknownAsset, UnknownJob, new_job
 
 log = logging.getLogger(__name__)
 API_VERSION = "v1"
+# A downstream replica died or cannot be reached: the request may succeed if retried.
+REPLICA_LOST = (ray_errors.RayActorError, ray_errors.ActorUnavailableError, ray_errors.WorkerCrashedError)
 ASSET_TYPES = {".glb": "model/gltf-binary", ".obj": "model/obj", ".ply": "application/octet-stream",
                ".gif": "image/gif", ".mp4": "video/mp4", ".png": "image/png", ".json": "application/json"}
 
@@ -253,14 +257,66 @@ def _serving_tracker(settings: ServeSettings):
                           dir=storage.join(settings.tracking_folder(), f"ingress-{replica}"), job_type="serve")
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def configured_token(env_name: str) -> str | None:
+    """The server's token from ``env_name``; None when unset or blank (whitespace is no secret)."""
+    token = os.environ.get(env_name, "").strip()
+    return token or None
+
+
 def _token_digest(env_name: str) -> str | None:
-    token = os.environ.get(env_name, "")
+    token = configured_token(env_name)
     return hashlib.sha256(token.encode()).hexdigest() if token else None
 
 
+def check_exposure(host: str, token_env: str, allow_anonymous_remote: bool = False) -> None:
+    """Refuse to serve beyond this machine without a token unless explicitly allowed.
+
+    Raises:
+        ValueError: ``host`` is not a loopback address, ``token_env`` holds no token (unset or
+            blank) and ``allow_anonymous_remote`` is false.
+    """
+    if host in LOCAL_HOSTS or configured_token(token_env) or allow_anonymous_remote:
+        return
+    blank = " (it is set but blank)" if os.environ.get(token_env) is not None else ""
+    raise ValueError(f"http host {host} exposes the API beyond this machine: set {token_env} to a secret "
+                     f"token{blank} (clients send 'Authorization: Bearer <token>'), or set "
+                     f"allow_anonymous_remote=true")
+
+
+def _serving_host() -> str | None:
+    """The HTTP host of the running Serve instance, or None when it cannot be told."""
+    try:
+        # Private: Ray Serve has no public getter for the HTTP options an instance started with.
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return None if client is None else client.http_config.host
+    except Exception:
+        return None
+
+
+def error_response(status: int, message: str, errors: list[dict[str, Any]] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error of the API has this one shape: ``{"error": str, "errors": [...]}``."""
+    return JSONResponse(status_code=status, content={"error": message, "errors": errors or []},
+                        headers=headers)
+
+
+async def _send_response(send, response: JSONResponse) -> None:
+    await send({"type": "http.response.start", "status": response.status_code,
+                "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
 class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes`` (declared or streamed), before any
-    handler parses them."""
+    """ASGI middleware: 413 for bodies over ``max_bytes``, before any handler parses them.
+
+    A declared length is checked at once; a body without one (chunked) is read here, up to the
+    limit, and replayed to the app, so an oversized chunked body is a 413 too (FastAPI would
+    turn an error raised while it reads the body into a 400)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -269,37 +325,51 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await self._reject(send)
+            return await self.app(scope, receive, send)
+        messages, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                return await self._reject(send)
+            if not message.get("more_body", False):
+                break
 
-        try:
-            return await self.app(scope, counted, send)
-        except _TooLarge:
-            return await self._reject(send)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
 
     async def _reject(self, send):
-        body = JSONResponse(status_code=413, content={
-            "error": "request body too large",
-            "errors": [{"field": "body", "message": "request body too large",
-                        "allowed": f"<= {self.max_bytes} bytes"}]}).body
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_response(send, error_response(413, "request body too large", [
+            {"field": "body", "message": "request body too large", "allowed": f"<= {self.max_bytes} bytes"}]))
 
 
-class _TooLarge(Exception):
-    pass
+class BearerGate:
+    """ASGI middleware: every /v1 route needs the bearer token, checked before the request is
+    routed or its body read (so a request without a token is a 401 whatever else is wrong)."""
+
+    def __init__(self, app, digest):
+        self.app, self.digest = app, digest  # digest: () -> SHA-256 hex of the token, or None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(f"/{API_VERSION}/"):
+            digest = self.digest()
+            if digest is not None:
+                header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+                scheme, _, presented = header.partition(" ")
+                presented = presented.strip() if scheme.lower() == "bearer" else ""
+                if not hmac.compare_digest(hashlib.sha256(presented.encode()).hexdigest(), digest):
+                    response = error_response(401, "missing or invalid bearer token",
+                                              headers={"WWW-Authenticate": "Bearer"})
+                    return await _send_response(send, response)
+        return await self.app(scope, receive, send)
 
 
 def build_api(settings: ServeSettings) -> tuple[FastAPI, type, type]:
@@ -320,10 +390,11 @@ def build_api(settings: ServeSettings) -> tuple[FastAPI, type, type]:
         return JSONResponse(status_code=400 if malformed else 422, content={
             "error": "malformed JSON body" if malformed else "invalid request", "errors": errors})
 
-    @api.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException):
+    @api.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404, 405)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
-        return JSONResponse(status_code=exc.status_code, content=detail, headers=exc.headers)
+        return JSONResponse(status_code=exc.status_code, content={"errors": [], **detail},
+                            headers=exc.headers)
 
     return api, multiview_model, t23d_model
 
@@ -355,9 +426,23 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
     # The current metrics window, shared by the error-counting middleware and the routes.
     stats = {"window": MetricsWindow()}
 
+    # Inside the error middleware below, so its 401s are counted too.
+    api.add_middleware(BearerGate, digest=lambda: token_digest or _token_digest(settings.auth_token_env))
+    retry_after = {"Retry-After": str(settings.limits.retry_after_s)}
+
     @api.middleware("http")
-    async def count_errors(request: Request, call_next):
-        response = await call_next(request)
+    async def errors_as_json(request: Request, call_next):
+        """No plain-text 500 and no traceback ever reaches a client: a lost replica is a 503
+        with Retry-After, anything else a JSON 500; the details go to the server log."""
+        try:
+            response = await call_next(request)
+        except REPLICA_LOST as error:
+            log.warning("%s %s: a replica was lost (%s)", request.method, request.url.path, type(error).__name__)
+            response = error_response(503, "a server replica was lost while answering; retry after the "
+                                           "Retry-After seconds", headers=retry_after)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            response = error_response(500, "internal server error (the server log has the details)")
         if response.status_code >= 400:
             stats["window"].errors += 1
         return response
@@ -407,8 +492,16 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
                 else float(model.get("guidance_scale", 7.5)),
                 guidance_rescale=body.guidance_rescale, resolution=body.resolution,
                 negative_prompt=body.negative_prompt)
+            limits = self.settings.limits
+            work = len(body.prompts) * key.num_views * key.steps
+            if work > limits.max_multiview_work:
+                raise HTTPException(422, {"error": "invalid request", "errors": [{
+                    "field": "prompts", "type": "work_budget",
+                    "message": f"{len(body.prompts)} prompts x {key.num_views} views x {key.steps} steps "
+                               f"= {work} is over this server's budget for one request",
+                    "allowed": f"prompts x num_views x steps <= {limits.max_multiview_work}"}]})
             items = [{"prompt": p, "seed": body.seed + i, "key": key_dict(key)} for i, p in enumerate(body.prompts)]
-            outputs = await asyncio.gather(*[self.generator.generate.remote(item) for item in items])
+            outputs = await self._sample(items)
             request_id = new_job_id()
             results = []
             for i, (item, out) in enumerate(zip(items, outputs)):
@@ -429,6 +522,34 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
                                     sum(len(o["pngs"]) for o in outputs))
             return MultiViewResponse(id=request_id, model=self.model_name, results=results,
                                      seconds=round(seconds, 4))
+
+        async def _sample(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """The generator's outputs for ``items``, at most ``max_prompts_in_flight`` at a time,
+            within ``multiview_deadline_s``. On the deadline, a lost replica or a client that
+            went away, every prompt not yet answered is withdrawn from the generator's queue."""
+            limits = self.settings.limits
+            gate = asyncio.Semaphore(limits.max_prompts_in_flight)
+            sent = []
+
+            async def one(item):
+                async with gate:
+                    response = self.generator.generate.remote(item)
+                    sent.append(response)
+                    return await response
+
+            tasks = [asyncio.ensure_future(one(item)) for item in items]
+            try:
+                return await asyncio.wait_for(asyncio.gather(*tasks), timeout=limits.multiview_deadline_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(503, {"error": f"not answered within the server's deadline of "
+                                                   f"{limits.multiview_deadline_s:g} s; retry later or ask "
+                                                   f"for fewer prompts, views or steps"},
+                                    headers=retry_after) from None
+            finally:  # nothing is left running for an answer nobody will read
+                for task in tasks:
+                    task.cancel()
+                for response in sent:
+                    response.cancel()
 
         @api.get(f"/{API_VERSION}/multiview/{{request_id}}/{{name}}", responses=errors, dependencies=auth)
         async def multiview_image(self, request_id: str, name: str):
@@ -520,6 +641,11 @@ def build_app(args: dict[str, Any]):
     """The Serve application for ``args`` (ServeSettings fields): the config file's import path."""
     args = resolve_paths(args)
     settings = ServeSettings.from_dict(args)
+    host = _serving_host()  # `serve run` / `serve deploy` of a config file come here too
+    if host is None:
+        log.warning("cannot tell the HTTP host Serve listens on; the token check was skipped")
+    else:
+        check_exposure(host, settings.auth_token_env, settings.allow_anonymous_remote)
     values = settings.to_dict()
     worker = TextTo3DWorker.options(**settings.worker.options()).bind(values)
     generator = MultiViewGenerator.options(**settings.generator.options()).bind(values)

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
 
 from .settings import GUIDANCE_KINDS, RESPONSE_FORMATS, Limits
 
-STRICT = ConfigDict(extra="forbid")  # an unknown (e.g. misspelt) field is an error, not ignored
+# An unknown (e.g. misspelt) field is an error, not ignored; numbers must be JSON numbers
+# ("5" and true are refused; an integer is fine where a float is asked for).
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _integer(value: Any) -> Any:
+    """Literal choices compare with ==, which lets true (== 1) and 4.0 (== 4) through."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {type(value).__name__}")
+    return value
 
 
 def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -32,7 +41,7 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         __config__=STRICT,
         prompts=(prompts, ...),
         negative_prompt=(negative, ""),
-        num_views=(Literal[views], 4 if 4 in views else views[-1]),
+        num_views=(Annotated[Literal[views], BeforeValidator(_integer)], 4 if 4 in views else views[-1]),
         elevation=(Annotated[float, Field(ge=limits.elevation_range[0], le=limits.elevation_range[1])], 15.0),
         azimuth_start=(Annotated[float, Field(ge=-360.0, le=360.0)], 0.0),
         steps=(Annotated[int | None, Field(ge=1, le=limits.max_sampling_steps,
@@ -40,7 +49,8 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         guidance_scale=(guidance_scale, None),
         guidance_rescale=(Annotated[float, Field(ge=0.0, le=1.0)], 0.0),
         seed=(seed, Field(0, description="prompt i uses seed + i")),
-        resolution=(Literal[tuple(limits.resolution_choices)] | None, None),
+        resolution=(Annotated[Literal[tuple(limits.resolution_choices)] | None,
+                              BeforeValidator(lambda v: v if v is None else _integer(v))], None),
         response_format=(Literal[RESPONSE_FORMATS], "base64"),
     )
     text_to_3d = create_model(

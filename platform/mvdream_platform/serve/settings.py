@@ -26,14 +26,29 @@ class Limits:
     resolution_choices: tuple[int, ...] = (32,)
     elevation_range: tuple[float, float] = (-30.0, 60.0)
     guidance_scale_range: tuple[float, float] = (1.0, 30.0)
+    # The work one multi-view request may ask for, prompts x num_views x steps (denoiser
+    # evaluations per view): each limit alone allows 16 x 4 x 100, which held the only
+    # generator for minutes.
+    max_multiview_work: int = 1600
+    # Prompts of one request sampled at a time: the rest wait, so another client's request
+    # joins the generator's queue behind at most this many of a large request's prompts.
+    max_prompts_in_flight: int = 2
+    # A multi-view request not answered within this time gets a 503 and its waiting prompts are
+    # withdrawn (a prompt already being sampled finishes its batch).
+    multiview_deadline_s: float = 120.0
+    # Seconds a client should wait before retrying a 503 (Retry-After).
+    retry_after_s: int = 5
     # text-to-3D
     max_sds_steps: int = 2000
     max_seed: int = 2**31 - 1
 
     def validate(self) -> None:
         if min(self.max_prompts_per_request, self.max_prompt_chars, self.max_body_bytes,
-               self.max_sampling_steps, self.max_sds_steps) < 1:
-            raise ValueError("serve.limits: every max_* must be >= 1")
+               self.max_sampling_steps, self.max_sds_steps, self.max_multiview_work,
+               self.max_prompts_in_flight, self.retry_after_s) < 1:
+            raise ValueError("serve.limits: every max_* and retry_after_s must be >= 1")
+        if self.multiview_deadline_s <= 0:
+            raise ValueError("serve.limits.multiview_deadline_s must be > 0")
         if not self.view_choices or not self.resolution_choices:
             raise ValueError("serve.limits: view_choices and resolution_choices must not be empty")
 
@@ -121,6 +136,9 @@ class ServeSettings:
     sds: dict[str, Any] = field(default_factory=dict)
     storage: str = "outputs/serve"  # job state, assets and URL-returned images (path or fsspec URI)
     auth_token_env: str = "MVDREAM_SERVE_TOKEN"  # bearer token required when this variable is set
+    # Serving beyond loopback without a token is refused (jobs/serve.py, `serve run`, `serve
+    # deploy`) unless this is true.
+    allow_anonymous_remote: bool = False
     device: str = "auto"
     # Serving metrics (request latency, batch size, job queue) every ``metrics_every_s`` from
     # each ingress replica: W&B (offline | online | disabled) plus a local metrics.jsonl under
