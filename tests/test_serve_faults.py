@@ -132,3 +132,18 @@ def test_cancelled_before_start_runs_nothing(tmp_path):
     store.request_cancel(job)
     outcome = run_job(store, job, pipe=None, settings=_settings(tmp_path), owner="w1")
     assert outcome == {"status": "cancelled", "attempt": 0} and store.lease(job) is None
+
+
+def test_errors_shown_to_clients_carry_no_server_paths_or_tracebacks(tmp_path):
+    from ray.exceptions import RayTaskError
+
+    from mvdream_platform.serve.runner import public_error
+
+    root = str(tmp_path / "serve")
+    error = FileNotFoundError(f"No such file: '{root}/jobs/j/out/mesh.glb' (from /opt/app/x/loader.py)\n"
+                              "Traceback (most recent call last):\n  File \"/opt/app/x.py\", line 3")
+    text = public_error(error, root)
+    assert text == "FileNotFoundError: No such file: '<storage>/jobs/j/out/mesh.glb' (from loader.py)"
+    wrapped = RayTaskError("run", "Traceback (most recent call last):\n  File \"/opt/ray/worker.py\"", error)
+    assert public_error(wrapped, root) == text  # the cause, not Ray's remote traceback
+    assert "/" not in public_error(ValueError(f"bad {root}/x"), root).replace("<storage>/x", "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -162,3 +163,14 @@ def get_dir(uri: str | os.PathLike, cache_root: str | os.PathLike | None = None)
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(remote, str(target))
     return str(dest)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/>])/(?:[\w.@+-]+/)+([\w.@+-]*)")
+
+
+def redact_paths(text: str, *roots: str | os.PathLike) -> str:
+    """``text`` fit for someone who should not learn this machine's layout (an HTTP client):
+    each of ``roots`` becomes ``<storage>``, any other absolute path its last part."""
+    for root in sorted((os.fspath(r).rstrip("/") for r in roots if r), key=len, reverse=True):
+        text = text.replace(root, "<storage>")
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "<path>", text)

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import storage
 from .generator import SampleItem, SamplingKey, key_dict, sample_items
 from .metrics import MetricsWindow
-from .runner import run_job
+from .runner import public_error, run_job
 from .schemas import (
     ErrorBody,
     JobLink,
@@ -220,7 +220,7 @@ class JobQueue:
                 continue
             except Exception as error:  # a bug, not a lost worker: retrying would repeat it
                 log.exception("job %s failed", job_id)
-                await asyncio.to_thread(store.set_state, job_id, "failed", error=f"{type(error).__name__}: {error}")
+                await asyncio.to_thread(store.set_state, job_id, "failed", error=public_error(error, store.root))
                 return
             await asyncio.to_thread(store.set_state, job_id, outcome["status"],
                                     attempts=int(outcome.get("attempt", 0)), error=outcome.get("error"))

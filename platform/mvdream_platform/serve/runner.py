@@ -28,6 +28,18 @@ from .store import JobStore
 log = logging.getLogger(__name__)
 
 
+def public_error(error: BaseException, root: str, with_type: bool = True) -> str:
+    """What a client is told about ``error``: its first line, without server paths (the full
+    traceback is in the server log). A Ray error's text starts with the remote traceback;
+    its cause's message is used instead."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):  # ray.exceptions.RayTaskError and friends
+        error = cause
+    lines = str(error).strip().splitlines()
+    text = storage.redact_paths(lines[0] if lines else "", root)
+    return f"{type(error).__name__}: {text}" if with_type else text
+
+
 class JobCancelled(Exception):
     """A client cancelled the job while it ran."""
 
@@ -140,7 +152,8 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
         cfg = job_sds_config(settings, request["options"])
         cfg.validate()
     except (ValueError, TypeError) as error:
-        return {"status": "failed", "attempt": attempt - 1, "error": f"bad job options: {error}"}
+        return {"status": "failed", "attempt": attempt - 1,
+                "error": "bad job options: " + public_error(error, store.root, with_type=False)}
 
     started = time.time()
     with Heartbeat(store, job_id, owner, attempt, worker.heartbeat_s) as beat:
@@ -173,7 +186,7 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
             log.exception("job %s failed", job_id)
             beat.update(phase="done")
             beat.write()
-            return {"status": "failed", "attempt": attempt, "error": f"{type(error).__name__}: {error}"}
+            return {"status": "failed", "attempt": attempt, "error": public_error(error, store.root)}
         assets = result.files()
         if storage.exists(storage.join(store.out(job_id), "metrics.json")):
             assets.append("metrics.json")
