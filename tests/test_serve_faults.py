@@ -147,3 +147,17 @@ def test_errors_shown_to_clients_carry_no_server_paths_or_tracebacks(tmp_path):
     wrapped = RayTaskError("run", "Traceback (most recent call last):\n  File \"/opt/ray/worker.py\"", error)
     assert public_error(wrapped, root) == text  # the cause, not Ray's remote traceback
     assert "/" not in public_error(ValueError(f"bad {root}/x"), root).replace("<storage>/x", "")
+
+
+def test_retention_removes_only_what_finished_before_the_cut(tmp_path):
+    store = JobStore(str(tmp_path))
+    old, recent, running = _jobs(store, 3)
+    store.set_state(old, "succeeded", attempts=1, finished=time.time() - 10 * 86400)
+    store.set_state(recent, "failed", attempts=1)
+    store.write_lease(running, {"owner": "w", "attempt": 1, "phase": "optimising"})
+    (tmp_path / "multiview" / "20200101T000000-0badc0de").mkdir(parents=True)
+    fresh_images = tmp_path / "multiview" / time.strftime("%Y%m%dT%H%M%S-00000000", time.gmtime())
+    fresh_images.mkdir()
+    assert store.remove_finished(before=time.time() - 86400) == [old]
+    assert store.job_ids() == [recent, running]
+    assert [p.name for p in (tmp_path / "multiview").iterdir()] == [fresh_images.name]

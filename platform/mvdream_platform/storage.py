@@ -59,6 +59,15 @@ def remove(uri: str | os.PathLike, missing_ok: bool = True) -> None:
             raise
 
 
+def remove_tree(uri: str | os.PathLike) -> None:
+    """Delete a folder and everything in it (nothing when it is already gone)."""
+    fs, path = url_to_fs(os.fspath(uri))
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
 def listdir(uri: str | os.PathLike) -> list[str]:
     """Names (not paths) of the entries directly inside the folder ``uri``; [] when it is absent."""
     fs, path = url_to_fs(os.fspath(uri))

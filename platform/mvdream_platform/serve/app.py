@@ -145,6 +145,19 @@ class JobQueue:
         self.tasks: dict[str, asyncio.Task] = {}
         self.recovered = asyncio.get_event_loop().create_task(self._recover())
         self.recovered.add_done_callback(_log_failure("recovering unfinished jobs"))
+        if self.settings.retention_days is not None:
+            self.cleaner = asyncio.get_event_loop().create_task(self._clean_up())
+            self.cleaner.add_done_callback(_log_failure("retention clean-up"))
+
+    async def _clean_up(self, every_s: float = 3600.0) -> None:
+        """Now and every hour: delete what finished more than ``retention_days`` ago."""
+        while True:
+            try:
+                before = time.time() - self.settings.retention_days * 86400.0
+                await asyncio.to_thread(self.store.remove_finished, before)
+            except Exception:  # a storage hiccup: try again next time
+                log.exception("retention clean-up failed")
+            await asyncio.sleep(every_s)
 
     async def _recover(self) -> None:
         pending = await asyncio.to_thread(self.store.unfinished)  # one bad record skips only itself

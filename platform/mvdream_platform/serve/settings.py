@@ -147,6 +147,10 @@ class ServeSettings:
     wandb_project: str = "mvdream-platform"
     tracking_dir: str | None = None
     metrics_every_s: float = 10.0
+    # Finished jobs (their folder: request, state, assets, checkpoints) and the images of
+    # response_format=url multi-view requests are deleted this many days after they finished;
+    # null keeps everything. The job queue cleans up when it starts and every hour.
+    retention_days: float | None = 30.0
     default_sds_steps: int = 150
     default_sampling_steps: int | None = None  # None: the model's recommendation
     limits: Limits = field(default_factory=Limits)
@@ -162,6 +166,8 @@ class ServeSettings:
             raise ValueError("serve.storage must be a path or URI")
         if self.metrics_every_s <= 0:
             raise ValueError(f"serve.metrics_every_s must be > 0, got {self.metrics_every_s}")
+        if self.retention_days is not None and not self.retention_days > 0:
+            raise ValueError(f"serve.retention_days must be > 0 or null (keep all), got {self.retention_days}")
         if not 1 <= self.default_sds_steps <= self.limits.max_sds_steps:
             raise ValueError(f"serve.default_sds_steps must be in 1..limits.max_sds_steps "
                              f"({self.limits.max_sds_steps}), got {self.default_sds_steps}")

@@ -60,6 +60,13 @@ class UnreadableJob(Exception):
     """The job exists but its request could not be read (it was quarantined)."""
 
 
+def _id_time(job_id: str) -> float:
+    """The UTC second a job (or multi-view request) id was made."""
+    import calendar
+
+    return float(calendar.timegm(time.strptime(job_id.split("-")[0], "%Y%m%dT%H%M%S")))
+
+
 def new_job_id() -> str:
     """Sortable by creation time (UTC second), unguessable suffix: ``20261126T001500-1a2b3c4d``."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
@@ -216,6 +223,25 @@ class JobStore:
             if request is not None and self.state(job_id)["status"] not in TERMINAL:
                 pending.append((float(request.get("created", 0.0)), job_id))
         return [job_id for _, job_id in sorted(pending)]  # ids sort by second only
+
+    def remove_finished(self, before: float) -> list[str]:
+        """Delete every job that reached a terminal state before time ``before`` (its whole
+        folder) and every multi-view URL-image folder older than that; returns the job ids.
+        Unfinished jobs are never touched, however old."""
+        removed = []
+        for job_id in self.job_ids():
+            view = self.view(job_id)
+            finished = view.get("finished")
+            if view["status"] in TERMINAL and finished is not None and float(finished) < before:
+                storage.remove_tree(self.folder(job_id))
+                removed.append(job_id)
+        images = storage.join(self.root, "multiview")
+        for request_id in storage.listdir(images):  # ids start with their UTC creation second
+            if JOB_ID.match(request_id) and _id_time(request_id) < before:
+                storage.remove_tree(storage.join(images, request_id))
+        if removed:
+            log.info("retention: removed %d finished jobs", len(removed))
+        return removed
 
     def asset_uri(self, job_id: str, name: str) -> str:
         """The URI of one of the job's finished assets; names outside its asset list are refused,
