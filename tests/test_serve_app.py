@@ -60,7 +60,7 @@ def app_args(storage: Path) -> dict:
         "logger": "disabled", "metrics_every_s": 1.0,
         "sds": sds, "storage": str(storage), "auth_token_env": TOKEN_ENV, "default_sds_steps": 20,
         "limits": {"max_prompts_per_request": 4, "max_prompt_chars": 80, "max_body_bytes": 2048,
-                   "max_sampling_steps": 20, "max_sds_steps": 200},
+                   "max_sampling_steps": 20, "max_sds_steps": 200, "max_multiview_work": 160},
         "generator": {"num_cpus": 1, "max_batch_size": 16, "batch_wait_timeout_s": 0.25,
                       "max_ongoing_requests": 64},
         # two worker replicas: jobs are spread over them
@@ -117,7 +117,8 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.3):
 
 def test_health_and_docs_are_public(server):
     r = requests.get(server["url"] + "/healthz", timeout=30)
-    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "tiny", "api": "v1"}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "tiny", "api": "v1",
+                                                 "quarantined_records": 0}
     assert requests.get(server["url"] + "/openapi.json", timeout=30).json()["info"]["title"] == "mvdream-platform"
 
 
@@ -192,6 +193,10 @@ BAD_REQUESTS = [
     ("/v1/text-to-3d", {"prompts": ["a"], "guidance": "magic"}, 422, "guidance"),
     ("/v1/text-to-3d", {"prompts": ["  "]}, 422, "prompts.0"),
     ("/v1/text-to-3d", {"prompts": ["x" * 60] * 40}, 413, "body"),  # > max_body_bytes
+    # each value within its limit, the product over the work budget (4 x 4 x 20 > 160)
+    ("/v1/multiview", {"prompts": ["a"] * 4, "steps": 20}, 422, "prompts"),
+    ("/v1/text-to-3d", {"prompts": ["a"], "steps": "5"}, 422, "steps"),
+    ("/v1/text-to-3d", {"prompts": ["a"], "steps": True}, 422, "steps"),
 ]
 
 
@@ -266,6 +271,10 @@ def test_restarted_application_resumes_running_and_queued_jobs(server):
 
     client = server["client"]
     store = JobStore(str(server["storage"]))
+    finished = [j for j in store.job_ids() if store.view(j)["status"] == "succeeded"]
+    before = {j: {a: client.get_bytes(f"/v1/jobs/{j}/assets/{a}") for a in store.view(j)["assets"]}
+              for j in finished}
+    assert finished and all(before.values())
     [running] = client.submit(["a yellow cylinder"], steps=60, seed=2)
     wait_for(lambda: ((store.lease(running) or {}).get("step") or 0) >= 10, 180, "step 10")
     serve.delete(APP)  # the whole application goes away mid-job
@@ -277,6 +286,9 @@ def test_restarted_application_resumes_running_and_queued_jobs(server):
                         f"job {job} after the restart")
         assert view["status"] == "succeeded", view
     assert client.status(running)["metrics"]["resumed_from"] >= 10
+    assert client.status(running)["attempts"] == 2  # the restart killed the worker running it
+    for job, assets in before.items():  # finished assets are untouched by the restart
+        assert {a: client.get_bytes(f"/v1/jobs/{job}/assets/{a}") for a in assets} == assets
 
 
 def test_client_errors_are_raised_with_the_servers_message(server):
@@ -284,3 +296,116 @@ def test_client_errors_are_raised_with_the_servers_message(server):
         MVDreamClient(server["url"]).submit(["a cube"])
     with pytest.raises(ServeError, match="steps"):
         server["client"].submit(["a cube"], steps=10_000)
+
+
+# ---------------------------------------------------------------------------- chaos
+# Each test injects faults into the live application and checks that no accepted job is lost,
+# attempts are exact and every answer is JSON. CHAOS adds up what they did (printed at the end).
+CHAOS = {"faults": 0, "jobs_accepted": 0, "jobs_lost": 0, "requests": 0, "answered_json": 0}
+
+
+def _finish(client, jobs, timeout=300):
+    views = {}
+    for job in jobs:
+        views[job] = wait_for(lambda j=job: (v := client.status(j))["status"] in ("succeeded", "failed", "cancelled")
+                              and v, timeout, f"job {job}")
+    CHAOS["jobs_accepted"] += len(jobs)
+    CHAOS["jobs_lost"] += sum(v["status"] != "succeeded" for v in views.values())
+    return views
+
+
+def test_chaos_unreadable_records_are_quarantined_and_every_other_job_resumes(server):
+    from ray import serve
+
+    client = server["client"]
+    store = JobStore(str(server["storage"]))
+    serve.delete(APP)
+    options = {"steps": 10, "seed": 0, "guidance": "mvdream"}
+    broken_state, fine, broken_request = (store.create(p, options) for p in ("a red cube", "a blue cone", "a torus"))
+    root = Path(server["storage"]) / "jobs"
+    (root / broken_state / "state.json").write_bytes(b"")  # 0 bytes
+    (root / broken_request / "request.json").write_text('{"id": "x", "pro')  # truncated
+    CHAOS["faults"] += 3  # two corrupt records and the restart
+    deploy(server["args"])
+    views = _finish(client, [broken_state, fine])
+    assert all(v["status"] == "succeeded" and v["attempts"] == 1 for v in views.values()), views
+    failed = client.status(broken_request)
+    assert failed["status"] == "failed" and "could not be read" in failed["error"]
+    assert requests.get(server["url"] + "/healthz", timeout=30).json()["quarantined_records"] >= 2
+
+
+def test_chaos_killing_the_job_queue_adds_no_attempt(server):
+    from ray import serve
+
+    client = server["client"]
+    store = JobStore(str(server["storage"]))
+    [job] = client.submit(["a purple capsule"], steps=40, seed=4)
+    wait_for(lambda: ((store.lease(job) or {}).get("step") or 0) >= 5, 180, "step 5")
+    queue = serve.get_deployment_handle("JobQueue", app_name=APP)
+    os.kill(queue.stats.remote().result(timeout_s=30)["pid"], signal.SIGKILL)  # the queue, not the worker
+    CHAOS["faults"] += 1
+    view = _finish(client, [job])[job]
+    assert view["status"] == "succeeded" and view["attempts"] == 1, view
+    assert view["metrics"]["resumed_from"] == 0  # the worker never stopped
+
+
+def test_chaos_cancelling_a_queued_job_is_immediate(server):
+    client = server["client"]
+    store = JobStore(str(server["storage"]))
+    busy = client.submit(["a red cube", "a blue cone"], steps=60, seed=5)  # both workers busy
+    wait_for(lambda: all(((store.lease(j) or {}).get("step") or 0) >= 1 for j in busy), 180, "both workers")
+    [queued] = client.submit(["a green torus"], steps=10)
+    view = client.cancel(queued)
+    assert view["status"] == "cancelled", view  # at once: no worker ever had it
+    for job in busy:
+        client.cancel(job)
+    wait_for(lambda: all(client.status(j)["status"] == "cancelled" for j in busy), 120, "the busy jobs to stop")
+    time.sleep(1.0)
+    assert store.lease(queued) is None and client.status(queued)["status"] == "cancelled"
+
+
+def test_chaos_a_killed_generator_gives_json_503s_and_the_client_retries(server):
+    from ray import serve
+
+    url = server["url"] + "/v1/multiview"
+    generator = serve.get_deployment_handle("MultiViewGenerator", app_name=APP)
+    pid = generator.pid.remote().result(timeout_s=30)
+
+    def one(i: int) -> requests.Response:
+        return requests.post(url, headers=auth(), timeout=300,
+                             json={"prompts": [f"a cube {i}", f"a cone {i}"], "steps": 20, "seed": i})
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        time.sleep(1.5)  # requests are in flight
+        os.kill(pid, signal.SIGKILL)
+        CHAOS["faults"] += 1
+        responses = [f.result() for f in futures]
+    CHAOS["requests"] += len(responses)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    for r in responses:
+        body = r.json()  # JSON, never plain text
+        CHAOS["answered_json"] += 1
+        if r.status_code == 503:
+            assert set(body) == {"error", "errors"} and int(r.headers["Retry-After"]) >= 1
+    # the client waits Retry-After and tries again until the generator is back
+    images = MVDreamClient(server["url"], token=TOKEN, timeout=120, retries=6).multiview_images(["a cube"], steps=2)
+    assert images[0][0].shape == (32, 32, 3)
+
+
+def test_chaos_a_listed_asset_missing_from_storage_is_a_json_404(server):
+    client = server["client"]
+    store = JobStore(str(server["storage"]))
+    job = next(j for j in store.job_ids() if store.view(j)["status"] == "succeeded"
+               and "turntable.gif" in store.view(j)["assets"])
+    (Path(server["storage"]) / "jobs" / job / "out" / "turntable.gif").unlink()
+    CHAOS["faults"] += 1
+    r = requests.get(f"{server['url']}/v1/jobs/{job}/assets/turntable.gif", headers=auth(), timeout=30)
+    assert r.status_code == 404 and "missing from storage" in r.json()["error"]
+    assert str(server["storage"]) not in r.text
+    metrics = client.get_bytes(f"/v1/jobs/{job}/assets/metrics.json").decode()
+    assert str(server["storage"]) not in metrics  # no server paths in what clients download
+    print(f"\nchaos: {CHAOS}")
+    assert CHAOS["jobs_lost"] == 0
+

@@ -45,10 +45,16 @@ class JobFailed(RuntimeError):
 
 
 class MVDreamClient:
+    """``retries``: how many times a 503 (a server replica was lost, or the server's deadline
+    passed) is retried, waiting the server's ``Retry-After`` seconds, doubled on each try. Only
+    requests that are safe to repeat are retried: GET, DELETE and POST /v1/multiview (a
+    text-to-3D submission is never sent twice)."""
+
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0,
-                 token_env: str = "MVDREAM_SERVE_TOKEN"):
+                 token_env: str = "MVDREAM_SERVE_TOKEN", retries: int = 3):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.retries = retries
         self.session = requests.Session()
         token = token if token is not None else os.environ.get(token_env)
         if token:
@@ -57,7 +63,17 @@ class MVDreamClient:
     # ------------------------------------------------------------ plumbing
     def _request(self, method: str, path: str, **kwargs) -> requests.Response:
         url = self.base_url + path
-        response = self.session.request(method, url, timeout=kwargs.pop("timeout", self.timeout), **kwargs)
+        timeout = kwargs.pop("timeout", self.timeout)
+        repeatable = method in ("GET", "DELETE") or path == "/v1/multiview"
+        for attempt in range(self.retries + 1):
+            response = self.session.request(method, url, timeout=timeout, **kwargs)
+            if response.status_code != 503 or not repeatable or attempt == self.retries:
+                break
+            try:
+                wait = float(response.headers.get("Retry-After", 1.0))
+            except ValueError:
+                wait = 1.0
+            time.sleep(wait * 2 ** attempt)
         if response.status_code >= 400:
             try:
                 body = response.json()

@@ -98,6 +98,10 @@ class MultiViewGenerator:
         self.sample.set_max_batch_size(self.settings.generator.max_batch_size)
         self.sample.set_batch_wait_timeout_s(self.settings.generator.batch_wait_timeout_s)
 
+    async def pid(self) -> int:
+        """This replica's process (for operators and the chaos tests)."""
+        return os.getpid()
+
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         """One prompt: ``{"prompt", "seed", "key": SamplingKey fields}`` -> PNGs and cameras."""
         return await self.sample(SampleItem.from_dict(item))
@@ -120,10 +124,19 @@ class TextTo3DWorker:
         self.store = store_for(self.settings)
         self.pipe, self.device = _load_pipeline(self.settings, self.settings.worker.num_cpus)
         self.owner = ray.get_runtime_context().get_actor_name() or f"pid-{os.getpid()}"
+        self.running: dict[str, asyncio.Future] = {}
 
     async def run(self, job_id: str) -> dict[str, Any]:
-        return await asyncio.to_thread(run_job, self.store, job_id, self.pipe, self.settings,
-                                       owner=self.owner, device=self.device, owner_alive=actor_alive)
+        # A call whose caller went away (a killed queue) is cancelled, but its thread runs on:
+        # a re-sent call for the same job joins that run instead of starting a second one.
+        task = self.running.get(job_id)
+        if task is None or task.done():
+            task = asyncio.ensure_future(asyncio.to_thread(
+                run_job, self.store, job_id, self.pipe, self.settings, owner=self.owner,
+                device=self.device, owner_alive=actor_alive))
+            self.running[job_id] = task
+            task.add_done_callback(lambda _t, j=job_id: self.running.pop(j, None))
+        return await asyncio.shield(task)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -184,9 +197,10 @@ class JobQueue:
                 await asyncio.to_thread(self.store.set_state, job_id, "cancelled",
                                         attempts=int((lease or {}).get("attempt", 0)))
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, Any]:
+        """Jobs being driven now and since this replica started, and which process it is."""
         active = [t for t in self.tasks.values() if not t.done()]
-        return {"active_jobs": len(active), "dispatched_since_start": len(self.tasks)}
+        return {"active_jobs": len(active), "dispatched_since_start": len(self.tasks), "pid": os.getpid()}
 
     def _dispatch(self, job_id: str) -> None:
         task = self.tasks.get(job_id)
