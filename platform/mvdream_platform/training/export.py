@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from .. import storage
 from ..pipelines.loading import ModelConfig, build_pipeline
-from .checkpointing import COMPLETE
+from .checkpointing import verify_checkpoint
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike, model: ModelConfig, out_uri: str, *,
@@ -18,8 +18,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, model: ModelConfig, out
     """Write ``out_uri`` as a pipeline with the checkpoint's weights (its EMA weights if present
     and ``use_ema``); ``model`` must describe the architecture the run trained."""
     folder = Path(checkpoint_dir)
-    if not (folder / COMPLETE).is_file():
-        raise ValueError(f"checkpoint {folder} is incomplete (no {COMPLETE} marker)")
+    verify_checkpoint(folder)  # CorruptCheckpoint (a ValueError): incomplete or damaged
     pipe = build_pipeline(model)
     weights = load_file(folder / "model.safetensors")
     if use_ema and (folder / "ema.safetensors").is_file():
