@@ -4,6 +4,7 @@ is happening now."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -161,3 +162,53 @@ def test_retention_removes_only_what_finished_before_the_cut(tmp_path):
     assert store.remove_finished(before=time.time() - 86400) == [old]
     assert store.job_ids() == [recent, running]
     assert [p.name for p in (tmp_path / "multiview").iterdir()] == [fresh_images.name]
+
+
+class _Reply:
+    """An answer that takes ``seconds`` (awaitable once, cancellable), like a Serve response."""
+
+    def __init__(self, item, seconds: float, log: dict):
+        self.item, self.log = item, log
+        self.task = asyncio.ensure_future(self._run(seconds))
+
+    async def _run(self, seconds):
+        self.log["running"] += 1
+        self.log["peak"] = max(self.log["peak"], self.log["running"])
+        try:
+            await asyncio.sleep(seconds)
+            return self.item * 10
+        finally:
+            self.log["running"] -= 1
+
+    def cancel(self):  # what Serve's DeploymentResponse.cancel() is asked
+        self.log["cancelled"].append(self.item)
+        self.task.cancel()
+
+    def __await__(self):
+        return self.task.__await__()
+
+
+def test_gather_bounded_limits_in_flight_and_withdraws_everything_at_the_deadline():
+    from mvdream_platform.serve.app import gather_bounded
+
+    async def scenario(deadline_s):
+        log = {"running": 0, "peak": 0, "sent": [], "cancelled": []}
+
+        def send(item):
+            log["sent"].append(item)
+            return _Reply(item, 0.1, log)
+
+        try:
+            out = await gather_bounded(send, list(range(6)), in_flight=2, deadline_s=deadline_s)
+        except asyncio.TimeoutError:
+            out = None
+        await asyncio.sleep(0.05)  # let cancellations land
+        return out, log
+
+    out, log = asyncio.run(scenario(5.0))
+    assert out == [0, 10, 20, 30, 40, 50] and log["peak"] == 2 and log["running"] == 0
+    out, log = asyncio.run(scenario(0.15))  # time for the first pair and part of the second
+    assert out is None and log["peak"] == 2
+    assert log["sent"] == [0, 1, 2, 3]  # items 4 and 5 were never sent
+    assert sorted(log["cancelled"]) == [0, 1, 2, 3]  # every sent item is withdrawn (a no-op when answered)
+    assert log["running"] == 0  # nothing left running

@@ -269,6 +269,35 @@ def _log_failure(what: str):
 
 
 # ---------------------------------------------------------------------------- HTTP ingress
+async def gather_bounded(send, items: list[Any], in_flight: int, deadline_s: float) -> list[Any]:
+    """``[await send(item) for item in items]`` with at most ``in_flight`` sent and unanswered
+    at a time, all within ``deadline_s`` (``asyncio.TimeoutError`` after it).
+
+    ``send(item)`` returns an awaitable with ``cancel()`` (a Serve ``DeploymentResponse``). On
+    the deadline, an error or the caller's own cancellation (a client that went away), items not
+    yet sent are never sent and every sent one is cancelled: a request that large waits its turn
+    behind at most ``in_flight`` of its own items, and leaves nothing running when it ends.
+    """
+    gate = asyncio.Semaphore(in_flight)
+    sent = []
+
+    async def one(item):
+        async with gate:
+            response = send(item)
+            sent.append(response)
+            return await response
+
+    tasks = [asyncio.ensure_future(one(item)) for item in items]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=deadline_s)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for response in sent:
+            response.cancel()
+
+
+
 def _serving_tracker(settings: ServeSettings):
     """This ingress replica's tracker: W&B run ``serve-<replica>`` + <tracking>/<replica>/metrics.jsonl."""
     from ..tracking import start_tracking
@@ -551,32 +580,15 @@ def make_ingress(settings: ServeSettings, token_digest: str | None = None) -> tu
                                      seconds=round(seconds, 4))
 
         async def _sample(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            """The generator's outputs for ``items``, at most ``max_prompts_in_flight`` at a time,
-            within ``multiview_deadline_s``. On the deadline, a lost replica or a client that
-            went away, every prompt not yet answered is withdrawn from the generator's queue."""
             limits = self.settings.limits
-            gate = asyncio.Semaphore(limits.max_prompts_in_flight)
-            sent = []
-
-            async def one(item):
-                async with gate:
-                    response = self.generator.generate.remote(item)
-                    sent.append(response)
-                    return await response
-
-            tasks = [asyncio.ensure_future(one(item)) for item in items]
             try:
-                return await asyncio.wait_for(asyncio.gather(*tasks), timeout=limits.multiview_deadline_s)
+                return await gather_bounded(self.generator.generate.remote, items,
+                                            limits.max_prompts_in_flight, limits.multiview_deadline_s)
             except asyncio.TimeoutError:
                 raise HTTPException(503, {"error": f"not answered within the server's deadline of "
                                                    f"{limits.multiview_deadline_s:g} s; retry later or ask "
                                                    f"for fewer prompts, views or steps"},
                                     headers=retry_after) from None
-            finally:  # nothing is left running for an answer nobody will read
-                for task in tasks:
-                    task.cancel()
-                for response in sent:
-                    response.cancel()
 
         @api.get(f"/{API_VERSION}/multiview/{{request_id}}/{{name}}", responses=errors, dependencies=auth)
         async def multiview_image(self, request_id: str, name: str):
