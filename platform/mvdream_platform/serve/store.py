@@ -210,7 +210,8 @@ class JobStore:
             return 0.0
 
     def job_ids(self) -> list[str]:
-        """All job ids, oldest first."""
+        """All job ids, by creation second (jobs made within one second in no particular order;
+        :meth:`unfinished` gives submission order)."""
         return [n for n in storage.listdir(storage.join(self.root, "jobs")) if JOB_ID.match(n)]
 
     def unfinished(self) -> list[str]:
