@@ -49,6 +49,11 @@ def exists(uri: str | os.PathLike) -> bool:
     return fs.exists(path)
 
 
+def is_dir(uri: str | os.PathLike) -> bool:
+    fs, path = url_to_fs(os.fspath(uri))
+    return fs.isdir(path)
+
+
 def remove(uri: str | os.PathLike, missing_ok: bool = True) -> None:
     """Delete one file (no error when it is already gone, unless ``missing_ok`` is False)."""
     fs, path = url_to_fs(os.fspath(uri))

@@ -184,7 +184,8 @@ def run_checkpoints(cfg: TrainJobConfig) -> list:
     carry the time they were written)."""
     import ray.train
 
-    names = [n for n in storage.listdir(run_dir(cfg)) if n.startswith("checkpoint_")]
+    names = [n for n in storage.listdir(run_dir(cfg))  # (not Ray's checkpoint_manager_snapshot.json)
+             if n.startswith("checkpoint_") and storage.is_dir(storage.join(run_dir(cfg), n))]
     return [ray.train.Checkpoint(storage.join(run_dir(cfg), n)) for n in sorted(names, reverse=True)]
 
 
