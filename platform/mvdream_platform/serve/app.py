@@ -297,7 +297,6 @@ async def gather_bounded(send, items: list[Any], in_flight: int, deadline_s: flo
             response.cancel()
 
 
-
 def _serving_tracker(settings: ServeSettings):
     """This ingress replica's tracker: W&B run ``serve-<replica>`` + <tracking>/<replica>/metrics.jsonl."""
     from ..tracking import start_tracking
@@ -415,7 +414,10 @@ class BearerGate:
         self.app, self.digest = app, digest  # digest: () -> SHA-256 hex of the token, or None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(f"/{API_VERSION}/"):
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # served under a route prefix
+            path = path[len(root):]
+        if scope["type"] == "http" and path.startswith(f"/{API_VERSION}/"):
             digest = self.digest()
             if digest is not None:
                 header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
