@@ -120,6 +120,11 @@ def test_health_and_docs_are_public(server):
     assert r.status_code == 200 and r.json() == {"status": "ok", "model": "tiny", "api": "v1",
                                                  "quarantined_records": 0}
     assert requests.get(server["url"] + "/openapi.json", timeout=30).json()["info"]["title"] == "mvdream-platform"
+    # build_app checks the token against the host Serve really listens on (serve run/deploy too)
+    from mvdream_platform.serve.app import _serving_host, build_app
+
+    assert _serving_host() == "127.0.0.1"
+    build_app(server["args"] | {"storage": str(server["storage"])})  # loopback: no token needed
 
 
 def test_multiview_over_http_matches_the_pipeline(server):
