@@ -12,6 +12,7 @@ from mvdream_platform.cameras import get_camera
 from mvdream_platform.pipelines import MVDreamPipeline
 
 from conftest import make_tiny_pipeline
+from jobs_helpers import ROOT
 
 
 def _run(pipe, prompt="a red cube", seed=0, **kwargs):
@@ -86,6 +87,27 @@ def test_pipeline_save_and_load_round_trip(tiny_pipeline, tmp_path):
     loaded = MVDreamPipeline.from_pretrained(tmp_path / "pipe")
     assert type(loaded.unet).__name__ == "MultiViewUNet"
     assert np.array_equal(_run(loaded, seed=3).images, _run(tiny_pipeline, seed=3).images)
+
+
+def test_the_model_folders_recommended_sampling_settings_are_the_defaults_and_the_caller_wins(tmp_path):
+    shipped = MVDreamPipeline.from_pretrained(ROOT / "checkpoints" / "tiny")
+    assert (shipped.default_guidance_scale, shipped.default_steps) == (2.0, 50)  # checkpoints/README
+
+    pipe = make_tiny_pipeline()
+    assert (pipe.default_guidance_scale, pipe.default_steps) == (7.5, 50)  # ModelConfig's defaults
+    pipe.recommend(guidance_scale=3.0, steps=3)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = MVDreamPipeline.from_pretrained(tmp_path / "pipe")
+    assert (loaded.default_guidance_scale, loaded.default_steps) == (3.0, 3)
+
+    def sample(**kwargs):
+        return loaded("a red cube", num_views=2, height=8, width=8, output_type="np",
+                      generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    implicit = sample()
+    assert np.array_equal(implicit, sample(guidance_scale=3.0, num_inference_steps=3))
+    assert not np.array_equal(implicit, sample(guidance_scale=7.5))  # a given value wins
+    assert not np.array_equal(implicit, sample(num_inference_steps=4))
 
 
 def test_any_diffusers_scheduler_can_be_swapped_in():

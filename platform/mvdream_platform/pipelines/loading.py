@@ -105,6 +105,8 @@ def build_pipeline(config: ModelConfig, device: str | torch.device = "cpu", seed
         pipe = _inflate_stable_diffusion(config)
     else:
         pipe = _initialise(config, seed)
+    if pipe.config.get("recommended_guidance_scale") is None:  # a saved recommendation wins
+        pipe.recommend(guidance_scale=config.guidance_scale, steps=config.steps)
     if config.attention_mode is not None:
         pipe.unet.set_attention_mode(config.attention_mode)
     pipe = pipe.to(device)

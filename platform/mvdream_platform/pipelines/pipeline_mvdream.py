@@ -29,6 +29,9 @@ from ..models import multiview_unet as _multiview_unet  # noqa: F401
 from ..models import text_encoders as _text_encoders  # noqa: F401
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+# For model folders that record no recommendation (Stable Diffusion's defaults).
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_STEPS = 50
 
 
 @dataclass
@@ -57,9 +60,30 @@ class MVDreamPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->codec"
 
-    def __init__(self, unet, text_encoder, codec, scheduler):
+    def __init__(self, unet, text_encoder, codec, scheduler, recommended_guidance_scale: float | None = None,
+                 recommended_steps: int | None = None):
+        """``recommended_*``: the sampling settings this model was validated with, saved in
+        ``model_index.json`` and used by :meth:`__call__` when the caller gives none (a 4.6M
+        parameter model wants far weaker guidance than SD-sized ones: 2.0, not 7.5)."""
         super().__init__()
         self.register_modules(unet=unet, text_encoder=text_encoder, codec=codec, scheduler=scheduler)
+        self.register_to_config(recommended_guidance_scale=recommended_guidance_scale,
+                                recommended_steps=recommended_steps)
+
+    def recommend(self, guidance_scale: float | None = None, steps: int | None = None) -> None:
+        """Record the model's recommended sampling settings (saved with the pipeline)."""
+        self.register_to_config(recommended_guidance_scale=guidance_scale, recommended_steps=steps)
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The model's recommended guidance, or 7.5 (SD's default) when the folder has none."""
+        value = self.config.get("recommended_guidance_scale")
+        return DEFAULT_GUIDANCE_SCALE if value is None else float(value)
+
+    @property
+    def default_steps(self) -> int:
+        value = self.config.get("recommended_steps")
+        return DEFAULT_STEPS if value is None else int(value)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -116,8 +140,8 @@ class MVDreamPipeline(DiffusionPipeline):
         num_views: int = 4,
         elevation: float = 15.0,
         azimuth_start: float = 0.0,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         height: int | None = None,
         width: int | None = None,
@@ -135,7 +159,9 @@ class MVDreamPipeline(DiffusionPipeline):
             num_views: F, views evenly spaced over 360 degrees of azimuth.
             elevation, azimuth_start: degrees, in MVDream's camera convention
                 (:func:`mvdream_platform.cameras.get_camera`).
-            guidance_scale: classifier-free guidance weight (1 = no guidance, one branch only).
+            num_inference_steps, guidance_scale: None (the default) uses the model's recommended
+                settings (:attr:`default_steps`, :attr:`default_guidance_scale`); a value given
+                always wins. ``guidance_scale`` 1 means no guidance (one branch only).
             guidance_rescale: CFG rescale phi of Lin et al. (0 = off).
             height, width: pixels; default is the UNet's sample size times the codec factor.
             generator: seeds the initial noise (and DDIM's noise when ``eta > 0``).
@@ -144,6 +170,8 @@ class MVDreamPipeline(DiffusionPipeline):
                 (the Serve batcher draws each request's noise from its own seed, so a
                 request's images do not depend on what it was batched with).
         """
+        num_inference_steps = self.default_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         height = self.default_size if height is None else height
