@@ -16,7 +16,6 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -212,7 +211,7 @@ class MVDreamPipeline(DiffusionPipeline):
                 pred_uncond, pred_text = pred.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)
                 if guidance_rescale > 0:
-                    pred = rescale_noise_cfg(pred, pred_text, guidance_rescale=guidance_rescale)
+                    pred = _rescale_noise_cfg(pred, pred_text, guidance_rescale)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
 
         images = (self.codec.decode(latents).float() / 2 + 0.5).clamp(0, 1)  # (B*F, 3, H, W)
@@ -236,3 +235,12 @@ class MVDreamPipeline(DiffusionPipeline):
         if "generator" in params:
             kwargs["generator"] = generator
         return kwargs
+
+
+def _rescale_noise_cfg(pred, pred_text, guidance_rescale: float):
+    """diffusers' CFG rescale (Lin et al.), imported only when used: its module is Stable
+    Diffusion's pipeline, whose import pulls transformers' image processors and their two
+    "requires torchvision" warnings into every job that samples."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    return rescale_noise_cfg(pred, pred_text, guidance_rescale=guidance_rescale)
