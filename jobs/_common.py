@@ -5,6 +5,7 @@ Lives beside the jobs (not in the library) because it is the only code that touc
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from mvdream_platform import storage
 from mvdream_platform.pipelines.loading import ModelConfig
 
+log = logging.getLogger("jobs")
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
@@ -47,6 +49,25 @@ def model_config_from(node: DictConfig) -> ModelConfig:
     if unknown:
         raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
     return ModelConfig(**values)
+
+
+def warn_unknown_words(model: ModelConfig, prompts: list[str]) -> list[str]:
+    """One warning line per prompt with words a closed-vocabulary model never read; returns them."""
+    if model.vocabulary != "shapes":
+        return []
+    from mvdream_platform.data.shapes import ADJECTIVES, COLOURS, SHAPES, unknown_words
+
+    lines = []
+    for prompt in prompts:
+        words = unknown_words(prompt)
+        if words:
+            lines.append(f"model {model.name!r} has never read {', '.join(repr(w) for w in words)} in "
+                         f"{prompt!r}: it knows {len(SHAPES)} shapes ({', '.join(SHAPES)}), {len(COLOURS)} "
+                         f"colours, {'/'.join(ADJECTIVES)}, 'on top of', 'next to', 'with a ... front' "
+                         f"(README: what the embedded default knows); expect a generic blob")
+    for line in lines:
+        log.warning(line)
+    return lines
 
 
 def save_resolved_config(cfg: DictConfig, out: str) -> None:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from mvdream_platform.generation import GenerationRequest, generate, write_generation
 from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 
-from _common import expand_model_argv, model_config_from, save_resolved_config
+from _common import expand_model_argv, model_config_from, save_resolved_config, warn_unknown_words
 
 log = logging.getLogger("generate")
 
@@ -26,6 +26,7 @@ def run(cfg: DictConfig) -> dict:
         log.warning("model %r is UNTRAINED (random weights): the images are noise-like; "
                     "train one with jobs/train.py or point model= at real weights", model_cfg.name)
     prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
+    warn_unknown_words(model_cfg, prompts)
     request = GenerationRequest(
         prompts=prompts,
         **{k: cfg[k] for k in ("negative_prompt", "prompt_suffix", "seed", "num_views", "elevation",

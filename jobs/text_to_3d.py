@@ -33,7 +33,7 @@ from mvdream_platform.sds.pipeline import TextTo3DResult, run_text_to_3d
 from mvdream_platform.threads import set_torch_threads
 from mvdream_platform.tracking import start_tracking
 
-from _common import expand_model_argv, model_config_from, save_resolved_config
+from _common import expand_model_argv, model_config_from, save_resolved_config, warn_unknown_words
 
 log = logging.getLogger("text_to_3d")
 
@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> TextTo3DResult:
           f"{'' if threads == 1 else 's'} (threads=N to change; on a shared machine give each job its own cores)",
           flush=True)
     model = model_config_from(cfg.model)
+    warn_unknown_words(model, [cfg.prompt])
     device = pick_device(cfg.device)
     pipe = build_pipeline(model, device=device, seed=cfg.seed)
     pipe.set_progress_bar_config(disable=True)

@@ -92,3 +92,23 @@ def test_the_default_model_is_the_shipped_trained_checkpoint(tmp_path):
     assert record["model"] == {"name": "tiny", "source": "pipeline", "path": "checkpoints/tiny",
                                "trained": True, "device": "cpu"}
     assert record["request"]["guidance_scale"] == 2.0  # the tiny model's measured best
+
+
+def test_words_the_embedded_default_never_read_get_one_warning_line(caplog):
+    from mvdream_platform.data.shapes import unknown_words
+
+    assert unknown_words("a tall red cube to the left of a blue sphere") == []
+    assert unknown_words("a cube with a yellow front on top of a flat torus") == []
+    assert unknown_words("A corgi, 3D asset; a corgi!") == ["corgi", "3d", "asset"]
+
+    job = import_job("generate")
+    cfg = compose("generate", ["steps=1", "num_views=1", "out=memory://gen-vocab", "prompt=[a red cube,a corgi]"])
+    with caplog.at_level("WARNING"):
+        job.run(cfg)
+    lines = [r.getMessage() for r in caplog.records if "never read" in r.getMessage()]
+    assert len(lines) == 1 and "'corgi'" in lines[0] and "'a corgi'" in lines[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # real weights (no closed vocabulary) are never warned about
+        job.run(compose("generate", ["steps=1", "num_views=1", "out=memory://gen-vocab2", "prompt=a corgi",
+                                     "model.vocabulary=null"]))
+    assert not [r for r in caplog.records if "never read" in r.getMessage()]

@@ -64,6 +64,7 @@ Example::
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -372,6 +373,25 @@ def caption_for(spec: Mapping[str, Any]) -> str:
     if relation == "next to" and side is not None and "side" not in open_:
         relation = SIDE_PHRASES[side]
     return f"{phrases[0]} {relation} {phrases[1]}"
+
+
+def caption_words() -> frozenset[str]:
+    """Every word a caption of this grammar can contain."""
+    words = set(SHAPES) | set(COLOURS) | set(ADJECTIVES) | {"a", "an", "with", "front", "mark"}
+    for phrase in (*RELATIONS, *SIDE_PHRASES.values()):
+        words |= set(phrase.split())
+    return frozenset(words)
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` that no caption of this grammar uses (case and punctuation
+    ignored), in order of appearance, each once: what a model trained only on these captions
+    has never read (``"a corgi"`` -> ``["corgi"]``)."""
+    known, seen = caption_words(), []
+    for word in re.findall(r"[a-z0-9]+", prompt.lower()):
+        if word not in known and word not in seen:
+            seen.append(word)
+    return seen
 
 
 def adjective_holds(adjective: str | None, extent: Iterable[float]) -> bool:

@@ -70,6 +70,10 @@ class ModelConfig:
     # model wants much weaker guidance than SD-sized ones.
     guidance_scale: float = 7.5
     steps: int = 50
+    # The words the model was trained on, when that is a closed set: "shapes" (the procedural
+    # grammar of mvdream_platform.data.shapes) makes the jobs warn about prompt words it has
+    # never read; None (real weights, open text) checks nothing.
+    vocabulary: str | None = None
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -84,6 +88,11 @@ class ModelConfig:
             raise ValueError("model.codec='latent' with model.source='init' needs model.path (an SD folder with vae/)")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.vocabulary not in VOCABULARIES:
+            raise ValueError(f"model.vocabulary must be one of {VOCABULARIES}, got {self.vocabulary!r}")
+
+
+VOCABULARIES = (None, "shapes")
 
 
 def pick_device(name: str) -> torch.device:
