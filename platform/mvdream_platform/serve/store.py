@@ -220,8 +220,10 @@ class JobStore:
         unreadable cannot run and is left out (its view says so)."""
         pending = []
         for job_id in self.job_ids():
+            if self.state(job_id)["status"] in TERMINAL:  # most jobs: one small read
+                continue
             request = self._read(job_id, "request.json")
-            if request is not None and self.state(job_id)["status"] not in TERMINAL:
+            if request is not None:
                 pending.append((float(request.get("created", 0.0)), job_id))
         return [job_id for _, job_id in sorted(pending)]  # ids sort by second only
 

@@ -110,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             unet, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
         comm_timer = attach_allreduce_timer(model)
 
-    loader = _make_loader(cfg, rank, world, start_micro_step=start_step * cfg.trainer.grad_accumulation)
+    loader = make_loader(cfg, rank, world, start_micro_step=start_step * cfg.trainer.grad_accumulation)
     batches = iter(loader)
     tracker = _start_tracker(cfg, rank) if rank == 0 else None
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
@@ -189,7 +189,7 @@ def run_checkpoints(cfg: TrainJobConfig) -> list:
     return [ray.train.Checkpoint(storage.join(run_dir(cfg), n)) for n in sorted(names, reverse=True)]
 
 
-def _make_loader(cfg: TrainJobConfig, rank: int, world: int, start_micro_step: int):
+def make_loader(cfg: TrainJobConfig, rank: int, world: int, start_micro_step: int):
     from ..data.mixture import MixtureLoader
 
     data = cfg.data

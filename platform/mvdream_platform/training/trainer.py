@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import storage
 from .config import TrainJobConfig
-from .loop import PIPELINE_DIR, run_dir, train_loop_per_worker
+from .loop import PIPELINE_DIR, make_loader, run_dir, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +68,13 @@ def preflight(cfg: TrainJobConfig) -> None:
     """Fail now, in the driver, on what no retry can fix: data folders that are missing or
     hold nothing readable, a model folder that is not there. Ray Train retries a worker's error
     ``run.max_failures`` times, which only helps against lost workers."""
-    from ..data.mixture import MixtureLoader
-
     model = cfg.model
     if model.source in ("pipeline", "sd") and storage.is_local(model.path) and not os.path.exists(
             storage.local_path(model.path)):
         raise ValueError(f"model.path {model.path!r} does not exist (model.source={model.source!r})")
-    try:  # lists both datasets (manifests, shard indices) the way every worker will
-        MixtureLoader.from_uris(cfg.data.uri, cfg.data.image_uri, resolution=cfg.data.resolution,
-                                num_views=cfg.data.num_views, seed=cfg.trainer.seed,
-                                multiview_batch=cfg.data.multiview_batch, image_batch=cfg.data.image_batch,
-                                p_multiview=cfg.data.p_multiview, num_workers=0,
-                                # the last rank gets the fewest items: it must get some
-                                world_size=max(1, cfg.cluster.num_workers),
-                                rank=max(0, cfg.cluster.num_workers - 1))
+    workers = max(1, cfg.cluster.num_workers)
+    try:  # lists both datasets the way the workers will; the last rank gets the fewest items
+        make_loader(cfg, rank=workers - 1, world=workers, start_micro_step=0)
     except (ValueError, FileNotFoundError) as error:
         raise ValueError(f"training data: {error}") from error
 
