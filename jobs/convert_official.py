@@ -12,6 +12,9 @@ status 2 and a one-line error.
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import argparse
 import logging
 import sys

@@ -17,6 +17,9 @@ Writes <run>/pipeline and <run>/dreambooth.json (prompt, subject, settings).
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import logging
 from dataclasses import asdict
 

@@ -12,6 +12,9 @@ kind and arm (`consistency_<kind>_<arm>.png`).
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import logging
 
 import hydra

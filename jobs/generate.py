@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import logging
 
 import hydra

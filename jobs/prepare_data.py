@@ -11,6 +11,9 @@ Rerunning with the same `out` skips finished objects. On a Ray cluster:
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import logging
 
 import hydra

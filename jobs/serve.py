@@ -13,6 +13,9 @@ The API (OpenAPI docs at /docs): POST /v1/multiview, POST /v1/text-to-3d, GET/DE
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import json
 import logging
 import signal

@@ -16,6 +16,9 @@ janus.png for marked prompts). Prints every file it wrote.
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import logging
 import zlib
 from pathlib import Path

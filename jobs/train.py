@@ -13,6 +13,9 @@ model is written as an MVDreamPipeline folder to <run.storage_path>/<run.name>/p
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import logging
 
 import hydra

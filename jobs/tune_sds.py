@@ -21,6 +21,9 @@ temporary copy of the working dir. Plain ``python jobs/tune_sds.py`` starts a lo
 
 from __future__ import annotations
 
+import _starting  # noqa: F401  (its first line, before the heavy imports below)
+
+# isort: split
 import logging
 import os
 from dataclasses import asdict

@@ -10,7 +10,7 @@ import PIL.Image
 
 from mvdream_platform import storage
 
-from jobs_helpers import compose, import_job, run_job
+from jobs_helpers import JOBS, compose, import_job, run_job
 
 
 def test_generate_job_writes_views_grid_and_record(tmp_path):
@@ -18,6 +18,8 @@ def test_generate_job_writes_views_grid_and_record(tmp_path):
     result = run_job("generate.py", "model=tiny_init", "prompt=a red cube", "steps=2", "num_views=4", "seed=3", f"out={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "UNTRAINED" in result.stderr + result.stdout  # the untrained default says so
+    # the first line comes before torch/diffusers are imported (they take a minute on a busy machine)
+    assert result.stderr.splitlines()[0].startswith("generate: started ")
     record = json.loads((out / "generation.json").read_text())
     assert record["request"]["prompts"] == ["a red cube"] and record["image_shape"] == [1, 4, 32, 32, 3]
     assert len(record["cameras"]) == 4 and len(record["cameras"][0]) == 16
@@ -112,3 +114,14 @@ def test_words_the_embedded_default_never_read_get_one_warning_line(caplog):
         job.run(compose("generate", ["steps=1", "num_views=1", "out=memory://gen-vocab2", "prompt=a corgi",
                                      "model.vocabulary=null"]))
     assert not [r for r in caplog.records if "never read" in r.getMessage()]
+
+
+def test_only_a_job_run_as_a_script_prints_the_start_line(capsys):
+    import_job("generate")  # as tests, Ray workers and Tune trials import jobs: silent
+    assert import_job("_starting").announce() is None
+    assert "started" not in capsys.readouterr().err
+    for script in ("text_to_3d.py", "train.py", "serve.py", "tune_sds.py", "convert_official.py",
+                   "dreambooth.py", "evaluate.py", "prepare_data.py"):
+        first = next(line for line in (JOBS / script).read_text().splitlines()
+                     if line.startswith(("import ", "from ")) and "__future__" not in line)
+        assert first.startswith("import _starting"), script  # before any heavy import

@@ -21,7 +21,7 @@ CLIP_DIM = 32
 CLIP_LAYERS = 3
 
 
-def write_clip_tokenizer(folder: Path) -> None:
+def write_clip_tokenizer(folder: Path, max_length: int = CLIP_LEN) -> None:
     """A tiny CLIP BPE tokenizer: single characters, word-final characters, a few merges."""
     folder.mkdir(parents=True)
     symbols = list(string.ascii_lowercase) + list(",.!")
@@ -33,7 +33,7 @@ def write_clip_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # SD 2.x's tokenizer pads with "!"; the max length is the model's context.
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": CLIP_LEN, "pad_token": "!"})
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "pad_token": "!"})
     )
 
 
