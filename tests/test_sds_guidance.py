@@ -27,7 +27,6 @@ from mvdream_platform.sds.guidance import (
     camera_condition,
     dynamic_threshold,
     orbit_angles,
-    predict_x0,
     rescale_x0,
     sample_timestep,
     step_bounds,
@@ -213,25 +212,6 @@ def test_dynamic_threshold_per_sample():
     s = torch.quantile(x0[1].abs().flatten(), 0.9)
     torch.testing.assert_close(out[1], x0[1].clamp(-s, s) / s)
     assert out[1].abs().max() <= 1.0 + 1e-6
-
-
-def test_predict_x0_inverts_the_forward_process():
-    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    abar = 0.3
-    x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
-    torch.testing.assert_close(predict_x0(x_t, eps, abar), x0)
-
-
-def test_v_and_x0_predicting_models_are_converted_to_eps():
-    from mvdream_platform.sds.guidance import _eps_from_prediction
-
-    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    abar = 0.4
-    x_t = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps
-    v = math.sqrt(abar) * eps - math.sqrt(1 - abar) * x0
-    torch.testing.assert_close(_eps_from_prediction(v, x_t, abar, "v_prediction"), eps)
-    torch.testing.assert_close(_eps_from_prediction(x0, x_t, abar, "sample"), eps)
-    assert _eps_from_prediction(eps, x_t, abar, "epsilon") is eps
 
 
 # ----------------------------------------------------------------------------- cameras

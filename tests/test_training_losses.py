@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
+from mvdream_platform.diffusion import NoiseSchedule, min_snr_weight
 from mvdream_platform.models import MultiViewUNet
-from mvdream_platform.training.losses import (
-    NoiseSchedule,
-    diffusion_loss,
-    drop_text,
-    min_snr_weight,
-    sample_timesteps,
-)
+from mvdream_platform.training.losses import diffusion_loss, drop_text, sample_timesteps
 
 from conftest import tiny_sd_unet_config
 
@@ -36,57 +30,6 @@ def tiny_batch(objects: int = 2, views: int = 4, seed: int = 0):
     context = torch.randn(objects, 5, CONTEXT_DIM, generator=g).repeat_interleave(views, dim=0)
     camera = torch.randn(objects * views, 16, generator=g)
     return x0, context, camera
-
-
-# ---------------------------------------------------------------------- schedule
-@pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, DDIMScheduler])
-@pytest.mark.parametrize(
-    "config",
-    [
-        SD_SCHEDULE,
-        dict(num_train_timesteps=1000, beta_schedule="linear"),
-        dict(num_train_timesteps=500, beta_schedule="squaredcos_cap_v2"),
-        dict(SD_SCHEDULE, rescale_betas_zero_snr=True),
-    ],
-    ids=["sd", "linear", "cosine", "zero-snr"],
-)
-def test_add_noise_and_velocity_equal_diffusers(scheduler_cls, config):
-    scheduler = scheduler_cls(**config)
-    schedule = NoiseSchedule.from_scheduler_config(scheduler.config)
-    T = config["num_train_timesteps"]
-    g = torch.Generator().manual_seed(0)
-    t = torch.cat([torch.tensor([0, 1, T // 2, T - 1]), torch.randint(0, T, (60,), generator=g)])
-    x0 = torch.randn(len(t), 4, 8, 8, generator=g)
-    eps = torch.randn(len(t), 4, 8, 8, generator=g)
-
-    torch.testing.assert_close(schedule.alphas_cumprod, scheduler.alphas_cumprod, atol=0, rtol=0)
-    torch.testing.assert_close(
-        schedule.add_noise(x0, eps, t), scheduler.add_noise(x0, eps, t), atol=1e-6, rtol=0
-    )
-    torch.testing.assert_close(
-        schedule.velocity(x0, eps, t), scheduler.get_velocity(x0, eps, t), atol=1e-6, rtol=0
-    )
-
-
-def test_schedule_reads_like_the_formulas():
-    schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULE)
-    assert schedule.num_train_timesteps == 1000
-    abar = schedule.alphas_cumprod
-    assert abar.dtype == torch.float32 and bool((abar[1:] < abar[:-1]).all())
-    t = torch.tensor([10, 900])
-    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    a = abar[t].view(2, 1, 1, 1)
-    x_t = schedule.add_noise(x0, eps, t)
-    v = schedule.velocity(x0, eps, t)
-    torch.testing.assert_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps)
-    # v and x_t are a rotation of (x0, eps): x0 = sqrt(abar) x_t - sqrt(1 - abar) v.
-    torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, atol=1e-5, rtol=0)
-    torch.testing.assert_close(schedule.snr(t), abar[t] / (1 - abar[t]))
-
-
-def test_schedule_rejects_unknown_beta_schedule():
-    with pytest.raises(ValueError, match="beta_schedule must be one of"):
-        NoiseSchedule.from_scheduler_config({"beta_schedule": "quadratic"})
 
 
 # ---------------------------------------------------------------------- timesteps

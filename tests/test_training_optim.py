@@ -16,7 +16,6 @@ from mvdream_platform.training.optim import (
     build_optimizer,
     clip_grad_norm,
     ema_decay,
-    lr_lambda,
     maybe_no_sync,
     unwrap_model,
 )
@@ -73,21 +72,27 @@ def test_build_optimizer_without_trainable_parameters_fails_clearly():
 
 
 # ---------------------------------------------------------------------- learning rate
-def test_lr_lambda_key_steps():
-    kw = dict(warmup_steps=10, total_steps=110)
-    assert lr_lambda(0, **kw) == 0.0
-    assert lr_lambda(5, **kw) == 0.5
-    assert lr_lambda(10, **kw) == 1.0
-    assert lr_lambda(1000, **kw) == 1.0  # constant
-    cos = dict(kw, schedule="cosine", min_lr_ratio=0.1)
-    assert lr_lambda(0, **cos) == 0.0
-    assert lr_lambda(10, **cos) == pytest.approx(1.0)
-    assert lr_lambda(60, **cos) == pytest.approx(0.55)  # midpoint: halfway to min_lr_ratio
-    assert lr_lambda(35, **cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_lambda(110, **cos) == pytest.approx(0.1)
-    assert lr_lambda(500, **cos) == pytest.approx(0.1)
-    assert lr_lambda(60, 10, 110, "linear") == pytest.approx(0.5)
-    assert lr_lambda(0, 0, 100, "cosine") == 1.0  # no warmup: full rate from the first step
+def lr_multipliers(steps: int, *args, **kwargs) -> list[float]:
+    """lr / base lr after 0, 1, ..., steps optimizer steps of build_lr_scheduler(*args)."""
+    optimizer = build_optimizer(nn.Linear(2, 2), lr=1.0)
+    scheduler = build_lr_scheduler(optimizer, *args, **kwargs)
+    seen = [optimizer.param_groups[0]["lr"]]
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    return seen
+
+
+def test_lr_schedules_key_steps():
+    constant = lr_multipliers(1000, 10, 110)
+    assert constant[0] == 0.0 and constant[5] == 0.5 and constant[10] == 1.0 and constant[1000] == 1.0
+    cos = lr_multipliers(110, 10, 110, "cosine", min_lr_ratio=0.1)
+    assert cos[0] == 0.0 and cos[10] == pytest.approx(1.0)
+    assert cos[60] == pytest.approx(0.55)  # midpoint: halfway to min_lr_ratio
+    assert cos[35] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert cos[110] == pytest.approx(0.1)
+    assert lr_multipliers(1, 0, 100, "cosine")[0] == 1.0  # no warmup: full rate from the first step
 
 
 def test_lr_scheduler_drives_the_optimizer_and_round_trips():
@@ -102,7 +107,7 @@ def test_lr_scheduler_drives_the_optimizer_and_round_trips():
         optimizer.step()
         scheduler.step()
         seen.append(optimizer.param_groups[0]["lr"])
-    expected = [1e-3 * lr_lambda(s, 4, 20, "cosine") for s in range(8)]
+    expected = [1e-3 * m for m in lr_multipliers(7, 4, 20, "cosine")]
     assert seen == pytest.approx(expected)
     assert all(g["lr"] == seen[-1] for g in optimizer.param_groups)
 
@@ -115,7 +120,7 @@ def test_lr_scheduler_drives_the_optimizer_and_round_trips():
         sched.step()
     assert scheduler2.get_last_lr() == pytest.approx(scheduler.get_last_lr())
     assert scheduler2.last_epoch == 8
-    assert optimizer2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_lambda(8, 4, 20, "cosine"))
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_multipliers(8, 4, 20, "cosine")[8])
 
 
 def test_lr_scheduler_rejects_bad_settings():

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cameras import normalize_camera
-from ..training.losses import NoiseSchedule
+from ..diffusion import PREDICTION_TYPES, NoiseSchedule, add_noise, eps_from_prediction, x0_from_eps
 
 __all__ = [
     "DIRECTIONS",
@@ -59,7 +59,6 @@ __all__ = [
     "camera_condition",
     "dynamic_threshold",
     "orbit_angles",
-    "predict_x0",
     "rescale_x0",
     "sample_timestep",
     "step_bounds",
@@ -75,7 +74,6 @@ REFERENCE_NEGATIVE_PROMPT = (
 # View-dependent suffixes, DreamFusion-style (appended as "<prompt>, <direction> view").
 DIRECTIONS = ("front", "side", "back", "overhead")
 LOSS_NORMALIZATIONS = ("groups", "views")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -257,11 +255,6 @@ def sample_timestep(min_step: int, max_step: int,
     return int(torch.randint(min_step, max_step + 1, (1,), generator=generator).item())
 
 
-def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
-    """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); all tensors (N, C, h, w)."""
-    return (x_t - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
-
-
 def rescale_x0(x0: torch.Tensor, x0_cond: torch.Tensor, group_size: int, r: float,
                eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
     """CFG std rescale of x0_hat, per group of views (MVDream appendix A.2).
@@ -351,16 +344,6 @@ def view_directions(elevation: torch.Tensor, azimuth: torch.Tensor,
         else:
             names.append("side")
     return names
-
-
-def _eps_from_prediction(pred: torch.Tensor, x_t: torch.Tensor, abar: float,
-                         prediction_type: str) -> torch.Tensor:
-    """The model's output (eps, v or x0) -> its eps, so CFG and x0 work in one parameterisation."""
-    if prediction_type == "epsilon":
-        return pred
-    if prediction_type == "v_prediction":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
-        return math.sqrt(abar) * pred + math.sqrt(1.0 - abar) * x_t
-    return (x_t - math.sqrt(abar) * pred) / math.sqrt(1.0 - abar)  # x0 prediction
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -475,15 +458,11 @@ class _ScoreDistillation:
         with self._attention():
             pred = self.unet(model_in.to(dtype), timesteps, context, camera=camera,
                              num_frames=self.group_size).sample.float()
-        abar = self._abar(t)
-        eps = _eps_from_prediction(pred, model_in, abar, self.prediction_type)
+        eps = eps_from_prediction(pred, model_in, self.schedule.abar_at(t), self.prediction_type)
         if not use_cfg:
             return eps, eps
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_cond, eps_uncond
-
-    def _abar(self, t: int) -> float:
-        return float(self.schedule.alphas_cumprod[t])
 
     # -------------------------------------------------------------- the step
     def __call__(self, rgb: torch.Tensor, c2w: torch.Tensor, prompt: str, step: int,
@@ -509,12 +488,12 @@ class _ScoreDistillation:
         min_step, max_step = step_bounds(cfg, step, self.schedule.num_train_timesteps)
         t = sample_timestep(min_step, max_step, generator)
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
-        abar = self._abar(t)
+        abar = self.schedule.abar_at(t)
         prompts = self.view_prompts(prompt, c2w)
         cameras = self._cameras(c2w)
 
         with torch.no_grad():
-            x_t = math.sqrt(abar) * z.detach() + math.sqrt(1.0 - abar) * noise
+            x_t = add_noise(z.detach(), noise, abar)
             eps_cond, eps_uncond = self.predict_eps(x_t, t, prompts, cameras)
             eps_hat = eps_uncond + cfg.guidance_scale * (eps_cond - eps_uncond)
             target, factor = self._target(z.detach(), x_t, noise, eps_hat, eps_cond, abar)
@@ -538,10 +517,10 @@ class _ScoreDistillation:
         if not cfg.recon_loss:
             # SDS: z - target = w(t) (eps_hat - eps), the score-distillation gradient.
             return z - (1.0 - abar) * (eps_hat - noise), None
-        x0 = predict_x0(x_t, eps_hat, abar)
+        x0 = x0_from_eps(x_t, eps_hat, abar)
         factor = None
         if cfg.recon_std_rescale > 0:
-            x0_cond = predict_x0(x_t, eps_cond, abar)
+            x0_cond = x0_from_eps(x_t, eps_cond, abar)
             x0, factor = rescale_x0(x0, x0_cond, self.group_size, cfg.recon_std_rescale)
         if cfg.dynamic_threshold is not None:
             x0 = dynamic_threshold(x0, cfg.dynamic_threshold)

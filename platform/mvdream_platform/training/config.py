@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..diffusion import PREDICTION_TYPES
 from ..pipelines.loading import ModelConfig
+from .optim import LR_SCHEDULES
 from .samples import SampleConfig
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("no", "bf16")
 LOGGER_MODES = ("offline", "online", "disabled")
 PRESERVATION_DISTANCES = ("l1", "l2")

@@ -38,11 +38,12 @@ from typing import Any
 import torch
 
 from .. import storage
+from ..diffusion import NoiseSchedule
 from ..pipelines.loading import build_pipeline
 from .checkpointing import load_training_state, restore_newest_good, save_training_state
 from .comm_timing import attach_allreduce_timer
 from .config import TrainJobConfig
-from .losses import NoiseSchedule, ParameterPreservation, diffusion_loss, drop_text
+from .losses import ParameterPreservation, diffusion_loss, drop_text
 from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm, unwrap_model
 from .samples import sample_grid
 

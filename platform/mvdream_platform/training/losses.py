@@ -12,170 +12,25 @@ For an object with F views x0 (F, C, H, W) and its caption y:
 A 2D text-image batch (the paper's 30% of LAION steps) is the same with F = 1 and no camera.
 Classifier-free guidance is trained by dropping the caption (:func:`drop_text`).
 
-Everything here is a small pure function of tensors; the noise schedule is a tiny value object
-that reproduces the diffusers scheduler the pipeline samples with, number for number.
+Everything here is a small pure function of tensors; the noise schedule and the eps / v / x0
+algebra are the diffusion core's (``mvdream_platform.diffusion``), shared with score distillation.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from ..diffusion import NoiseSchedule, check_prediction_type, min_snr_weight
+
 __all__ = [
-    "BETA_SCHEDULES",
-    "PREDICTION_TYPES",
-    "NoiseSchedule",
+    "ParameterPreservation",
     "diffusion_loss",
     "drop_text",
-    "min_snr_weight",
     "sample_timesteps",
 ]
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-
-
-def _expand(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N,) -> (N, 1, ..., 1), broadcastable against ``like`` (N, ...)."""
-    return coefficient.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-class NoiseSchedule:
-    """DDPM's discrete forward process q(x_t | x_0), abar_t = prod_{s<=t} (1 - beta_s).
-
-    Args:
-        alphas_cumprod: (T,) abar_t for t = 0..T-1, decreasing from ~1 (clean) towards 0.
-
-    The numbers are computed exactly as diffusers' ``DDPMScheduler``/``DDIMScheduler`` compute
-    them (betas and their cumulative product in float32). The LDM code that trained SD and
-    MVDream used float64 instead; the two differ by < 1e-6 in abar_t (a few 1e-6 in x_t),
-    far below anything training can feel, and matching diffusers means training and the
-    pipeline's sampler see bit-identical noise levels.
-    """
-
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
-        if alphas_cumprod.ndim != 1 or len(alphas_cumprod) < 2:
-            raise ValueError(
-                f"alphas_cumprod must be a 1-D tensor of length T >= 2, got shape "
-                f"{tuple(alphas_cumprod.shape)}"
-            )
-        self.alphas_cumprod = alphas_cumprod
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_betas(cls, betas: Sequence[float] | torch.Tensor) -> NoiseSchedule:
-        """betas (T,) -> schedule with abar_t = prod_{s<=t} (1 - beta_s)."""
-        betas = torch.as_tensor(betas, dtype=torch.float32)
-        if betas.ndim != 1 or bool(((betas <= 0) | (betas > 1)).any()):
-            raise ValueError("betas must be a 1-D sequence of values in (0, 1]")
-        return cls(torch.cumprod(1.0 - betas, dim=0))
-
-    @classmethod
-    def from_scheduler_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
-        """The schedule of a diffusers scheduler config (``scheduler.config`` or its JSON dict).
-
-        Reads ``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``
-        (one of :data:`BETA_SCHEDULES`), ``trained_betas`` and ``rescale_betas_zero_snr``,
-        with diffusers' defaults for missing keys. SD's schedule is
-        ``{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}``.
-        """
-        T = int(config.get("num_train_timesteps", 1000))
-        beta_start = float(config.get("beta_start", 0.0001))
-        beta_end = float(config.get("beta_end", 0.02))
-        kind = config.get("beta_schedule", "linear")
-        if config.get("trained_betas") is not None:
-            betas = torch.as_tensor(config["trained_betas"], dtype=torch.float32)
-        elif kind == "linear":
-            betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
-        elif kind == "scaled_linear":
-            # LDM's schedule: linear in sqrt(beta).
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
-        elif kind == "squaredcos_cap_v2":
-            betas = _cosine_betas(T)
-        else:
-            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {kind!r}")
-        if config.get("rescale_betas_zero_snr", False):
-            betas = _rescale_zero_terminal_snr(betas)
-        return cls.from_betas(betas)
-
-    def to(self, device: torch.device | str) -> NoiseSchedule:
-        """A copy with its table on ``device`` (saves a small host-to-device copy per step)."""
-        return NoiseSchedule(self.alphas_cumprod.to(device))
-
-    # ------------------------------------------------------------------ the process
-    @property
-    def num_train_timesteps(self) -> int:
-        """T."""
-        return len(self.alphas_cumprod)
-
-    def abar(self, t: torch.Tensor) -> torch.Tensor:
-        """t (N,) integer -> abar_t (N,) float32, on t's device."""
-        return self.alphas_cumprod.to(t.device)[t.long()]
-
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """t (N,) -> signal-to-noise ratio abar_t / (1 - abar_t) (N,)."""
-        abar = self.abar(t)
-        return abar / (1.0 - abar)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0, noise (N, ...), t (N,) -> x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (N, ...)."""
-        abar = _expand(self.abar(t.to(x0.device)), x0).to(x0.dtype)
-        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
-
-    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x0, noise (N, ...), t (N,) -> v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (N, ...)."""
-        abar = _expand(self.abar(t.to(x0.device)), x0).to(x0.dtype)
-        return abar.sqrt() * noise - (1.0 - abar).sqrt() * x0
-
-    def target(
-        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str
-    ) -> torch.Tensor:
-        """What the model is trained to output: eps, v or x0 (N, ...)."""
-        _check_prediction_type(prediction_type)
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.velocity(x0, noise, t)
-        return x0
-
-    def __repr__(self) -> str:
-        a = self.alphas_cumprod
-        return f"NoiseSchedule(T={len(a)}, abar_0={a[0].item():.6f}, abar_T-1={a[-1].item():.6f})"
-
-
-def _cosine_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal's cosine schedule: abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)."""
-
-    def abar(s: float) -> float:
-        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)]
-    return torch.tensor(betas, dtype=torch.float32)
-
-
-def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(abar) so that abar_{T-1} = 0 exactly.
-
-    Only sensible with v prediction (eps is unlearnable at zero SNR).
-    """
-    sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
-    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
-    abar = sqrt_abar**2
-    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
-    return 1.0 - alphas
-
-
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
-        )
 
 
 def _check_views(n: int, num_frames: int) -> int:
@@ -246,26 +101,6 @@ def drop_text(
 
 
 # ---------------------------------------------------------------------- the loss
-def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023), per sample.
-
-    The x0-space weight min(SNR, gamma) expressed for each parameterisation:
-    eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1); x0: min(SNR, gamma).
-
-    Args:
-        snr: (N,) abar_t / (1 - abar_t).
-    Returns:
-        (N,) weights.
-    """
-    _check_prediction_type(prediction_type)
-    clipped = torch.clamp(snr, max=gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1.0)
-    return clipped
-
-
 def diffusion_loss(
     model: nn.Module,
     x0: torch.Tensor,
@@ -300,7 +135,7 @@ def diffusion_loss(
         info: ``timesteps`` (B*F,), ``loss_per_sample`` (B*F,) detached unweighted MSE per image
             (for loss-versus-t logging), and ``snr_weight`` (B*F,) when ``snr_gamma`` is set.
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     n = x0.shape[0]
     num_objects = _check_views(n, num_frames)
     if context.shape[0] == num_objects and num_frames > 1:

@@ -8,13 +8,13 @@ DistributedDataParallel: anything that keeps per-parameter state keys it by the 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
-from functools import partial
 
 import torch
+from diffusers.optimization import get_constant_schedule_with_warmup
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 __all__ = [
     "LR_SCHEDULES",
@@ -23,12 +23,11 @@ __all__ = [
     "build_optimizer",
     "clip_grad_norm",
     "ema_decay",
-    "lr_lambda",
     "maybe_no_sync",
     "unwrap_model",
 ]
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -79,30 +78,6 @@ def build_optimizer(
 
 
 # ---------------------------------------------------------------------- learning rate
-def lr_lambda(
-    step: int,
-    warmup_steps: int,
-    total_steps: int,
-    schedule: str = "constant",
-    min_lr_ratio: float = 0.0,
-) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based).
-
-    Linear warmup from 0 at step 0 to 1 at ``warmup_steps``; then ``constant`` stays at 1,
-    ``cosine`` follows half a cosine and ``linear`` a straight line down to ``min_lr_ratio``
-    at ``total_steps``, and both stay there afterwards.
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    if step < warmup_steps:
-        return step / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
-
-
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int = 0,
@@ -110,10 +85,13 @@ def build_lr_scheduler(
     schedule: str = "constant",
     min_lr_ratio: float = 0.0,
 ) -> LambdaLR:
-    """A ``LambdaLR`` following :func:`lr_lambda`; call ``.step()`` once per optimizer step.
+    """The library schedules; call ``.step()`` once per optimizer step.
 
-    The schedule's settings are arguments, not state: a resumed run loads the step count from
-    ``state_dict`` and takes the settings from its own configuration.
+    Linear warmup from 0 at step 0 to 1 at ``warmup_steps``, then ``constant`` (diffusers'
+    ``get_constant_schedule_with_warmup``) or half a cosine down to ``min_lr_ratio`` at
+    ``total_steps`` (transformers' ``get_cosine_with_min_lr_schedule_with_warmup``; diffusers'
+    cosine has no floor). The settings are arguments, not state: a resumed run loads the step
+    count from ``state_dict`` and takes the settings from its own configuration.
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
@@ -121,21 +99,16 @@ def build_lr_scheduler(
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    if schedule != "constant" and total_steps <= warmup_steps:
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
+    if total_steps <= warmup_steps:
         raise ValueError(
             f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for a "
             f"{schedule} schedule"
         )
-    return LambdaLR(
-        optimizer,
-        partial(
-            lr_lambda,
-            warmup_steps=warmup_steps,
-            total_steps=total_steps,
-            schedule=schedule,
-            min_lr_ratio=min_lr_ratio,
-        ),
-    )
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+        min_lr_rate=float(min_lr_ratio))
 
 
 # ---------------------------------------------------------------------- EMA
@@ -154,6 +127,13 @@ class EMA:
     """Exponential moving average of a model's trainable parameters, kept in float32.
 
     shadow <- d * shadow + (1 - d) * param after every optimizer step, d = :func:`ema_decay`.
+
+    Ours rather than diffusers' ``EMAModel``, for two checked reasons: ``EMAModel`` uses decay 0
+    at its first update (a plain copy) and then LDM's (1 + k) / (10 + k) one update behind
+    ``LitEma``, the EMA SD and MVDream were trained with (so its averages differ from step 1
+    on, and resuming our existing checkpoints with it would not reproduce them); and it keeps
+    its state as a list in parameter order, where ours is keyed by the unwrapped model's
+    parameter names, so a state saved under DDP loads into a plain model and back.
 
     Args:
         model: the model (DDP-wrapped or not); the shadow starts as a copy of its trainable
