@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from mvdream_platform.models.convert_official import ConversionError, convert_checkpoint
+from mvdream_platform.models.convert_official import ConversionError
+from mvdream_platform.pipelines.convert_official import convert_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -28,13 +28,13 @@ from mvdream_platform.models.convert_official import (
     ConversionError,
     StateDictMismatchError,
     UnsupportedConfigError,
-    convert_checkpoint,
     convert_unet,
     convert_vae,
     parse_unet_params,
     unet_config_from_official,
     vae_config_from_official,
 )
+from mvdream_platform.pipelines.convert_official import convert_checkpoint
 
 from official_reference import (
     OfficialLayoutUNet,
@@ -154,11 +154,9 @@ def write_inputs(tmp_path: Path, state: dict, config: dict, fmt: str = "pt") -> 
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("convert_official_cli",
-                                                  REPO_ROOT / "jobs" / "convert_official.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from jobs_helpers import import_job
+
+    return import_job("convert_official")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,6 +115,26 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         return f.read()
 
 
+def jsonable(value: Any, strict: bool = False) -> Any:
+    """``value`` as JSON types: mappings (keys as strings), lists, numbers, strings, None.
+
+    Tuples become lists; arrays and tensors their ``tolist()``; numpy/torch scalars their
+    ``item()``. Anything else becomes ``str(value)``, or raises ``TypeError`` when ``strict``
+    (records that must load back exactly, such as a checkpoint's ``state.json``).
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): jsonable(v, strict) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, strict) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return value.tolist()
+    if strict:
+        raise TypeError(f"cannot store {type(value).__name__} as JSON")
+    return str(value)
+
+
 def write_json(uri: str | os.PathLike, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 

@@ -153,7 +153,7 @@ def to_uint8_image(images: Any, ncols: int | None = None) -> np.ndarray:
     return grid[..., 0] if c == 1 else grid
 
 
-def _jsonable(value: Any) -> Any:
+def _scalar(value: Any) -> Any:
     """A JSON-ready scalar for ``value``, or ``_SKIP`` (tensors/arrays of one element -> item)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -233,7 +233,7 @@ class Tracker:
             with self._guard("log (metrics.jsonl)"):
                 record: dict[str, Any] = {}
                 for name, value in metrics.items():
-                    v = _jsonable(value)
+                    v = _scalar(value)
                     if v is not _SKIP:
                         record[str(name)] = v
                 # Our keys last: a metric called "step" must not corrupt the record's step.
@@ -292,7 +292,7 @@ class Tracker:
                 path = self._dir / "summary.json"
                 merged = json.loads(path.read_text()) if path.exists() else {}
                 for name, value in values.items():
-                    v = _jsonable(value)
+                    v = _scalar(value)
                     merged[str(name)] = str(value) if v is _SKIP else v
                 storage.write_bytes(path, json.dumps(merged, indent=2).encode())
         if self._run is not None:

@@ -260,7 +260,7 @@ def build_object(spec: ObjectSpec, settings: RenderSettings):
     if spec.kind == "mesh":
         with _local_copy(spec.path) as local:
             mesh, info = render.load_normalized_mesh(local, up_axis=spec.up_axis)
-        attributes = {"source_file": spec.path, "normalization": _jsonable(info)}
+        attributes = {"source_file": spec.path, "normalization": storage.jsonable(info)}
         return mesh, spec.caption, attributes
     raise ValueError(f"unknown object kind {spec.kind!r}; allowed: shape, mesh")
 
@@ -548,20 +548,6 @@ class _local_copy:
     def __exit__(self, *exc) -> None:
         if self.tmp is not None:
             self.tmp.cleanup()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
 
 
 def load_captions(uri: str | None) -> dict[str, str]:

@@ -29,13 +29,9 @@ Numerical parity with the official ``MultiViewUNetModel`` is tested in
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +42,7 @@ import yaml
 from diffusers import AutoencoderKL
 
 from .. import storage
+from ..storage import jsonable
 from .multiview_unet import MultiViewUNet
 
 log = logging.getLogger(__name__)
@@ -694,31 +691,22 @@ def scheduler_config_from_official(config: Mapping[str, Any]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathLike,
-                       out_dir: str | os.PathLike | None = None, *, overwrite: bool = False,
-                       dtype: torch.dtype = torch.float32,
-                       text_encoder_path: str | os.PathLike | None = None) -> ConversionResult:
-    """Convert an official MVDream checkpoint + config; optionally write it to ``out_dir``.
+def convert_models(ckpt_path: str | os.PathLike, config_path: str | os.PathLike, *,
+                   dtype: torch.dtype = torch.float32,
+                   text_encoder_path: str | os.PathLike | None = None) -> ConversionResult:
+    """Convert an official MVDream checkpoint + config into our models, in memory.
 
-    ``ckpt_path``/``config_path`` are local files (the checkpoint is memory-mapped);
-    ``out_dir`` is a local folder or an fsspec URI. Writes ``out_dir/unet``
-    (``MultiViewUNet.from_pretrained``), ``out_dir/vae`` when the checkpoint has a VAE, and
-    ``out_dir/conversion.json``, all at once (see :func:`write_conversion`). An existing
-    non-empty ``out_dir`` is an error unless ``overwrite``.
-
+    ``ckpt_path``/``config_path`` are local files (the checkpoint is memory-mapped).
     ``text_encoder_path``: a diffusers SD folder (or URI) whose ``text_encoder/`` +
-    ``tokenizer/`` match the checkpoint (SD 2.1-base for ``sd-v2.1-base-4view``). With it and a
-    VAE in the checkpoint, ``out_dir`` becomes a complete ``MVDreamPipeline`` folder
-    (``model_index.json``, ``unet/``, ``codec/`` holding the VAE, ``text_encoder/``,
-    ``scheduler/``) instead of ``unet/`` + ``vae/``.
+    ``tokenizer/`` match the checkpoint (SD 2.1-base for ``sd-v2.1-base-4view``), loaded and
+    checked against the UNet's context width. Writing the models (as a folder or a whole
+    pipeline) is :func:`mvdream_platform.pipelines.convert_official.convert_checkpoint`'s job.
 
     Raises:
         ConversionError: (a ``ValueError``) unreadable or mismatched checkpoint, unsupported
             config; its subclasses say which.
-        FileNotFoundError: a missing input file. FileExistsError: an existing output.
+        FileNotFoundError: a missing input file.
     """
-    if out_dir is not None:
-        _check_target(out_dir, overwrite)  # fail before the expensive part
     config = load_official_config(config_path)
     spec = parse_unet_params(config["model"]["params"]["unet_config"]["params"])
     vae_config = vae_config_from_official(config)
@@ -744,7 +732,7 @@ def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathL
         vae = convert_vae(vae_state, vae_config, dtype)
 
     record = {
-        "converter": __name__,
+        "converter": "mvdream_platform.convert_official",
         "source": facts,
         "config": {
             "path": str(Path(config_path).resolve()),
@@ -761,9 +749,9 @@ def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathL
             "other_ignored_names": sorted(parts["other"])[:50],
         },
         "unet": {"parameters": sum(p.numel() for p in unet.parameters()),
-                 "config": _jsonable(dict(unet.config))},
+                 "config": jsonable(_public(unet.config))},
         "vae": None if vae is None else {"parameters": sum(p.numel() for p in vae.parameters()),
-                                         "config": _jsonable(dict(vae.config))},
+                                         "config": jsonable(_public(vae.config))},
         "scheduler": scheduler_config,
         "dtype": str(dtype).removeprefix("torch."),
         "versions": _versions(),
@@ -773,74 +761,9 @@ def convert_checkpoint(ckpt_path: str | os.PathLike, config_path: str | os.PathL
         text_encoder = _load_text_encoder(text_encoder_path, spec.context_dim)
         record["text_encoder"] = {"path": os.fspath(text_encoder_path), "dim": text_encoder.dim,
                                   "max_length": text_encoder.max_length}
-    result = ConversionResult(unet=unet, vae=vae, scheduler_config=scheduler_config,
-                              record=record, text_encoder_keys=len(parts["text_encoder"]),
-                              text_encoder=text_encoder)
-    if out_dir is not None:
-        write_conversion(result, out_dir, overwrite=overwrite)
-    return result
-
-
-def write_conversion(result: ConversionResult, out_dir: str | os.PathLike, *,
-                     overwrite: bool = False) -> str:
-    """Write ``unet/``, ``vae/`` and ``conversion.json`` into ``out_dir`` (path or fsspec URI).
-
-    Everything is written into a hidden sibling folder first and renamed into place only when
-    complete, so a crash never leaves a partial output under ``out_dir``. Remote targets are
-    staged locally and uploaded by :func:`mvdream_platform.storage.put_dir`.
-    """
-    _check_target(out_dir, overwrite)
-    if not storage.is_local(out_dir):
-        with tempfile.TemporaryDirectory(prefix="mvdream-convert-") as staging:
-            _write_folder(result, Path(staging) / "out")
-            storage.put_dir(Path(staging) / "out", out_dir)
-    else:
-        target = Path(storage.local_path(out_dir))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            _write_folder(result, tmp)
-            _replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    result.out_dir = os.fspath(out_dir)
-    log.info("wrote %s", out_dir)
-    return result.out_dir
-
-
-def _write_folder(result: ConversionResult, folder: Path) -> None:
-    folder.mkdir()
-    if result.vae is not None and result.text_encoder is not None:
-        build_pipeline(result).save_pretrained(folder)
-        result.record["layout"] = "pipeline"
-    else:
-        result.unet.save_pretrained(folder / "unet")
-        if result.vae is not None:
-            result.vae.save_pretrained(folder / "vae")
-        result.record["layout"] = "unet+vae" if result.vae is not None else "unet"
-    (folder / "conversion.json").write_text(json.dumps(result.record, indent=2) + "\n")
-
-
-def build_pipeline(result: ConversionResult):
-    """An :class:`MVDreamPipeline` from a conversion that has a VAE and a text encoder.
-
-    The scheduler is DDIM on the checkpoint's schedule with the official sampler's choices:
-    timesteps 1, 1+c, ... (``steps_offset=1``), the final step to alpha_bar[0]
-    (``set_alpha_to_one=False``) and no clipping of x0 (latent space).
-    """
-    from diffusers import DDIMScheduler
-
-    from ..pipelines import MVDreamPipeline
-    from .codecs import LatentCodec
-
-    if result.vae is None or result.text_encoder is None:
-        raise ConversionError("a pipeline needs both a VAE (in the checkpoint) and a text encoder")
-    codec = LatentCodec.from_vae(result.vae)  # scaling_factor from the config's scale_factor
-    scheduler = DDIMScheduler(**result.scheduler_config, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return MVDreamPipeline(unet=result.unet, text_encoder=result.text_encoder, codec=codec,
-                           scheduler=scheduler)
+    return ConversionResult(unet=unet, vae=vae, scheduler_config=scheduler_config,
+                            record=record, text_encoder_keys=len(parts["text_encoder"]),
+                            text_encoder=text_encoder)
 
 
 def _load_text_encoder(path: str | os.PathLike, context_dim: int):
@@ -859,42 +782,9 @@ def _load_text_encoder(path: str | os.PathLike, context_dim: int):
     return encoder
 
 
-def _check_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to replace an existing output (an empty local folder does not count)."""
-    if overwrite or not storage.exists(out_dir):
-        return
-    if storage.is_local(out_dir):
-        local = Path(storage.local_path(out_dir))
-        if local.is_dir() and not any(local.iterdir()):
-            return
-    raise FileExistsError(f"output {os.fspath(out_dir)} already exists (use overwrite=True / --overwrite)")
-
-
-def _replace_dir(src: Path, target: Path) -> None:
-    """Rename ``src`` to ``target``, moving an existing ``target`` aside first."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    try:
-        src.rename(target)
-    except BaseException:
-        if old is not None:  # put the previous output back
-            old.rename(target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _jsonable(value: Any) -> Any:
-    """Config values as JSON types (tuples -> lists, private keys dropped)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+def _public(config: Mapping[str, Any]) -> dict:
+    """A diffusers config without its private keys (``_class_name``, ``_diffusers_version``)."""
+    return {k: v for k, v in config.items() if not str(k).startswith("_")}
 
 
 def _versions() -> dict:

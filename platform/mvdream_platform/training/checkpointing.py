@@ -26,6 +26,7 @@ import logging
 import os
 import random
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..storage import jsonable
 from .optim import unwrap_model
 
 COMPLETE = "COMPLETE"
@@ -84,7 +86,7 @@ def save_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
         "ema": None if ema is None else {k: v for k, v in ema.state_dict().items() if k != "shadow"},
         "extra": extra or {},
     }
-    (folder / "state.json").write_text(json.dumps(state, default=_jsonable))
+    (folder / "state.json").write_text(json.dumps(state, default=partial(jsonable, strict=True)))
     manifest = {f.name: _describe(f) for f in sorted(folder.iterdir()) if f.name not in (MANIFEST, COMPLETE)}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     (folder / COMPLETE).write_text(str(step))
@@ -193,11 +195,3 @@ def load_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
     if restore_rng:
         set_rng_state(state["rng"])
     return state
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in state.json")
