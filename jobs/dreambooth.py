@@ -27,9 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage
-from mvdream_platform.sds.config import build_dataclass
-from mvdream_platform.training.config import TrainJobConfig
-from mvdream_platform.training.dreambooth import (
+from mvdream_platform.data.dreambooth import (
     PriorConfig,
     SubjectConfig,
     check_prior,
@@ -37,6 +35,8 @@ from mvdream_platform.training.dreambooth import (
     mixture_settings,
     prepare_subject,
 )
+from mvdream_platform.sds.config import build_dataclass
+from mvdream_platform.training.config import TrainJobConfig
 from mvdream_platform.training.trainer import run_training
 
 from _common import expand_model_argv, save_resolved_config

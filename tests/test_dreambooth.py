@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mvdream_platform.data.datasets import MultiViewDataset
-from mvdream_platform.pipelines import MVDreamPipeline
-from mvdream_platform.training.dreambooth import (
+from mvdream_platform.data.dreambooth import (
     PriorConfig,
     SubjectConfig,
     detect_kind,
@@ -18,6 +17,7 @@ from mvdream_platform.training.dreambooth import (
     mixture_settings,
     prepare_subject,
 )
+from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.training.losses import ParameterPreservation
 
 from conftest import MESHES, shutdown_ray

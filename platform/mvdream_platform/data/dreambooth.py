@@ -1,6 +1,6 @@
 """Multi-view DreamBooth (paper §3.3): the subject's training data and the run's description.
 
-The fine-tuning itself is the ordinary training loop (:mod:`.loop`) with the
+The fine-tuning itself is the ordinary training loop (:mod:`mvdream_platform.training.loop`) with the
 parameter-preservation loss on (``TrainerConfig.preservation_weight``) and the subject's data
 in place of the procedural set. This module turns what a user has into that data:
 
@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .. import storage
-from ..data import layout
-from ..data.datasets import BadRecord, read_multiview_manifest, read_object_record
-from ..data.prepare import (
+from . import layout
+from .datasets import BadRecord, read_multiview_manifest, read_object_record
+from .prepare import (
     IMAGE_SUFFIXES,
     MESH_SUFFIXES,
     RenderSettings,
