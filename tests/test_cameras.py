@@ -325,3 +325,36 @@ def test_cuda_matches_cpu():
     groups = C.sample_camera_groups(3, generator=torch.Generator().manual_seed(0),
                                     device="cuda")
     assert groups.camera_to_world().device.type == "cuda"
+
+
+def test_orbit_circles_the_origin_from_the_front():
+    orbit = C.orbit
+
+    c2w = orbit(12, elevation_deg=15, distance=3.0)
+    assert c2w.shape == (12, 4, 4) and c2w.dtype == torch.float32
+    eye = c2w[:, :3, 3]
+    torch.testing.assert_close(eye.norm(dim=-1), torch.full((12,), 3.0))
+    # Looking at the origin: the camera's forward axis (-back) points from the eye to it.
+    torch.testing.assert_close(-c2w[:, :3, 2], -eye / 3.0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(eye[:, 2], torch.full((12,), 3.0 * math.sin(math.radians(15))))
+    # Frame 0 is MVDream's front view (camera on -y); the azimuths are 30 degrees apart.
+    assert eye[0, 0].abs() < 1e-5 and eye[0, 1] < 0
+    azimuth = torch.rad2deg(torch.atan2(eye[:, 1], eye[:, 0]))
+    step = torch.remainder(azimuth.roll(-1) - azimuth, 360.0)
+    torch.testing.assert_close(step, torch.full((12,), 30.0), atol=1e-3, rtol=0)
+    # the same cameras as the orbit convention's builder at azimuth - 90
+    expected = C.orbit_camera_to_world(15.0, torch.arange(12) * 30.0 - 90.0, 3.0)
+    torch.testing.assert_close(c2w, expected)
+
+
+def test_orbit_groups_interleave_the_groups():
+    orbit, orbit_groups = C.orbit, C.orbit_groups
+
+    c2w = orbit_groups(8, 4, elevation_deg=10.0, distance=2.0)
+    assert c2w.shape == (8, 4, 4)
+    torch.testing.assert_close(c2w[:4], orbit(4, 10.0, 2.0))
+    torch.testing.assert_close(c2w[4:], orbit(4, 10.0, 2.0, azimuth_start_deg=45.0))
+    azimuths = torch.rad2deg(torch.atan2(c2w[:, 1, 3], c2w[:, 0, 3])).round().remainder(360)
+    assert len(set(azimuths.tolist())) == 8  # every 45 degrees
+    with pytest.raises(ValueError, match="multiple of the group size 4"):
+        orbit_groups(6, 4)

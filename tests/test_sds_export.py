@@ -181,22 +181,6 @@ def test_write_mesh_subset_and_bad_format(sphere_mesh, tmp_path):
 # ----------------------------------------------------------------------------- turntable
 
 
-def test_orbit_cameras_circle_the_origin_at_the_distance():
-    c2w, fovy = E.orbit_cameras(12, elevation_deg=15, distance=3.0, fovy_deg=40)
-    assert c2w.shape == (12, 4, 4) and c2w.dtype == torch.float32
-    assert fovy.shape == (12,) and torch.all(fovy == 40.0)
-    eye = c2w[:, :3, 3]
-    torch.testing.assert_close(eye.norm(dim=-1), torch.full((12,), 3.0))
-    # Looking at the origin: the camera's forward axis (-back) points from the eye to it.
-    torch.testing.assert_close(-c2w[:, :3, 2], -eye / 3.0, atol=1e-6, rtol=0)
-    torch.testing.assert_close(eye[:, 2], torch.full((12,), 3.0 * math.sin(math.radians(15))))
-    # Frame 0 is MVDream's front view (camera on -y); the azimuths are 30 degrees apart.
-    assert eye[0, 0].abs() < 1e-5 and eye[0, 1] < 0
-    azimuth = torch.rad2deg(torch.atan2(eye[:, 1], eye[:, 0]))
-    step = torch.remainder(azimuth.roll(-1) - azimuth, 360.0)
-    torch.testing.assert_close(step, torch.full((12,), 30.0), atol=1e-3, rtol=0)
-
-
 def moving_frames(t: int, h: int, w: int) -> np.ndarray:
     """(T, H, W, 3) uint8 frames that all differ (Pillow merges identical GIF frames)."""
     frames = np.zeros((t, h, w, 3), dtype=np.uint8)

@@ -290,6 +290,11 @@ def test_dreamfusion_baseline_is_2d_with_view_suffixes(pipe):
     # The multi-view guidance keeps the plain prompt (the reference has no suffixes).
     plain = MultiViewGuidance(pipe, config())(torch.rand(4, 8, 8, 3), c2w[:4], PROMPT, 0)
     assert plain.prompts == [PROMPT] * 4
+    # The angles the cameras were sampled with are used as given (SDS passes them), not read
+    # back from the matrices: here they name other directions than c2w, on purpose.
+    angles = (torch.tensor([15.0, 15.0, 15.0, 15.0, 15.0]), torch.tensor([180.0, 0.0, 0.0, 90.0, 90.0]))
+    given = guidance(torch.rand(5, 8, 8, 3), c2w, PROMPT, 0, angles=angles)
+    assert given.prompts == [f"{PROMPT}, {d} view" for d in ("back", "front", "front", "side", "side")]
 
 
 def test_dreamfusion_baseline_restores_attention_mode_on_error(pipe):

@@ -43,7 +43,9 @@ __all__ = [
     "look_at",
     "mvdream_to_orbit_azimuth",
     "normalize_camera",
+    "orbit",
     "orbit_camera_to_world",
+    "orbit_groups",
     "project_points",
     "sample_camera_groups",
     "world_to_camera",
@@ -238,6 +240,37 @@ def orbit_camera_to_world(elevation_deg: AngleLike, azimuth_deg: AngleLike,
     eye = dist[:, None] * torch.stack(
         [torch.cos(e) * torch.cos(a), torch.cos(e) * torch.sin(a), torch.sin(e)], dim=-1)
     return look_at(eye, up=(0.0, 0.0, 1.0)).to(torch.float32)
+
+
+def orbit(num_views: int, elevation_deg: float = 15.0, distance: float = 3.0, *,
+          azimuth_start_deg: float = 0.0) -> torch.Tensor:
+    """A fixed orbit: (V, 4, 4) float32 c2w evenly around the z axis, looking at the origin.
+
+    View ``k`` sits at MVDream azimuth ``azimuth_start_deg + 360 k / V`` (the endpoint is
+    excluded, so a turntable has no repeated frame). MVDream azimuth 0 is the front view
+    (camera on ``-y``), and the views turn like ``get_camera``'s (towards ``+x``). Every fixed
+    orbit of the platform is this one: turntables, the held-out evaluation views, the Janus
+    orbit, Tune's objective cameras (:func:`orbit_groups`).
+    """
+    _check_positive_int("num_views", num_views)
+    azimuth = azimuth_start_deg + (360.0 / num_views) * torch.arange(num_views, dtype=torch.float64)
+    return orbit_camera_to_world(float(elevation_deg), mvdream_to_orbit_azimuth(azimuth),
+                                 float(distance))
+
+
+def orbit_groups(num_views: int, group_size: int, elevation_deg: float = 15.0,
+                 distance: float = 3.0) -> torch.Tensor:
+    """(V, 4, 4) c2w: ``V / group_size`` groups, each an :func:`orbit` of ``group_size`` views
+    (360 / group_size degrees apart), the groups' start azimuths offset evenly so that all V
+    views have distinct azimuths (8 views in 2 groups of 4: every 45 degrees)."""
+    _check_positive_int("group_size", group_size)
+    if num_views % group_size:
+        raise ValueError(f"num_views must be a multiple of the group size {group_size}, "
+                         f"got {num_views}")
+    groups = num_views // group_size
+    return torch.cat([orbit(group_size, elevation_deg, distance,
+                            azimuth_start_deg=g * 360.0 / group_size / groups)
+                      for g in range(groups)])
 
 
 def world_to_camera(c2w: torch.Tensor) -> torch.Tensor:

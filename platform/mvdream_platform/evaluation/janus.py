@@ -53,13 +53,9 @@ def janus_orbit(num_views: int = 16, elevation_deg: float = 15.0,
                 distance: float = 3.0) -> tuple[np.ndarray, torch.Tensor]:
     """A 360-degree orbit starting at the front: ((V,) MVDream azimuths ``360 k / V`` in
     degrees, (V, 4, 4) float32 c2w looking at the origin)."""
-    from ..cameras import mvdream_to_orbit_azimuth, orbit_camera_to_world
+    from ..cameras import orbit
 
-    azimuths = np.arange(num_views, dtype=np.float64) * 360.0 / num_views
-    c2w = orbit_camera_to_world(torch.full((num_views,), float(elevation_deg)),
-                                torch.as_tensor(mvdream_to_orbit_azimuth(azimuths), dtype=torch.float32),
-                                torch.full((num_views,), float(distance)))
-    return azimuths, c2w
+    return np.arange(num_views, dtype=np.float64) * 360.0 / num_views, orbit(num_views, elevation_deg, distance)
 
 
 def colour_shares(rgb: np.ndarray, opacity: np.ndarray, colour: str, palette=None) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..cameras import orbit_camera_to_world
+from ..cameras import mvdream_to_orbit_azimuth, orbit
 from ..data import shapes
 from .metrics import aligned_iou, classify_colour, raw_iou, shaded_palette
 
@@ -78,11 +78,10 @@ def object_for_prompt(prompt: str) -> shapes.ProceduralObject | None:
 
 def evaluation_orbit(num_views: int = 8, elevation_deg: float = 15.0, distance: float = 3.0,
                      azimuth_offset_deg: float = 22.5) -> torch.Tensor:
-    """(V, 4, 4) c2w of the held-out orbit: azimuths offset from the 4-view grid, reference
-    distance 3.0 (orbit convention of :func:`mvdream_platform.cameras.orbit_camera_to_world`)."""
-    azimuths = azimuth_offset_deg + torch.arange(num_views, dtype=torch.float64) * 360.0 / num_views
-    return orbit_camera_to_world(torch.full((num_views,), elevation_deg), azimuths.float(),
-                                 torch.full((num_views,), distance))
+    """(V, 4, 4) c2w of the held-out orbit: orbit-convention azimuths ``offset + 360 k / V``,
+    off the 4-view grid the model was asked for, at the reference distance 3.0."""
+    return orbit(num_views, elevation_deg, distance,
+                 azimuth_start_deg=azimuth_offset_deg - mvdream_to_orbit_azimuth(0.0))
 
 
 def render_truth(obj: shapes.ProceduralObject, c2w: torch.Tensor, fovy_deg: float,

@@ -28,7 +28,6 @@ import torch
 import trimesh
 
 from mvdream_platform import storage
-from mvdream_platform.cameras import mvdream_to_orbit_azimuth, orbit_camera_to_world
 
 PointsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -257,33 +256,6 @@ def write_mesh(mesh: trimesh.Trimesh, out_uri: str | os.PathLike, stem: str = "m
 
 
 # ----------------------------------------------------------------------------- turntable
-
-
-def orbit_cameras(num_frames: int, elevation_deg: float = 15.0, distance: float = 3.0,
-                  fovy_deg: float = 40.0, *,
-                  azimuth_start_deg: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cameras for a 360-degree turntable around the origin (reference eval: distance 3, fovy 40).
-
-    Frame ``k`` sits at MVDream azimuth ``azimuth_start_deg + 360 * k / num_frames`` (the
-    endpoint is excluded so the loop has no repeated frame); MVDream azimuth 0 is the front
-    view (camera on ``-y``), so the video starts facing the object's front and turns like
-    MVDream's ``get_camera`` views (towards ``+x``). Converted to the orbit convention by
-    :func:`mvdream_to_orbit_azimuth` and built by :func:`orbit_camera_to_world` (z-up world,
-    OpenGL camera axes, looking at the origin).
-
-    Returns:
-        c2w: (T, 4, 4) float32 camera-to-world.
-        fovy: (T,) float32, degrees.
-    """
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
-    if not 0.0 < fovy_deg < 180.0:
-        raise ValueError(f"fovy_deg must be in (0, 180) degrees, got {fovy_deg!r}")
-    step = 360.0 / num_frames
-    azimuth = azimuth_start_deg + step * torch.arange(num_frames, dtype=torch.float64)
-    c2w = orbit_camera_to_world(float(elevation_deg), mvdream_to_orbit_azimuth(azimuth),
-                                float(distance))
-    return c2w, torch.full((num_frames,), float(fovy_deg), dtype=torch.float32)
 
 
 def _check_frames(frames, name: str) -> np.ndarray:

@@ -411,11 +411,16 @@ class _ScoreDistillation:
         tokens = torch.stack([self._text_cache[p] for p in prompts])
         return tokens.to(device=self.device, dtype=self.unet.dtype)
 
-    def view_prompts(self, prompt: str, c2w: torch.Tensor) -> list[str]:
-        """The N prompts of the views: the prompt itself or with a ``", <direction> view"``."""
+    def view_prompts(self, prompt: str, c2w: torch.Tensor,
+                     angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[str]:
+        """The N prompts of the views: the prompt itself or with a ``", <direction> view"``.
+
+        ``angles``: the (N,) elevations and azimuths (degrees, orbit convention) the cameras
+        were sampled with; without them they are read back from ``c2w``.
+        """
         if not self.view_dependent:
             return [prompt] * c2w.shape[0]
-        elevation, azimuth = orbit_angles(c2w)
+        elevation, azimuth = angles if angles is not None else orbit_angles(c2w)
         return [f"{prompt}, {d} view" for d in view_directions(elevation, azimuth, self.config)]
 
     def encode_renders(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -466,7 +471,8 @@ class _ScoreDistillation:
 
     # -------------------------------------------------------------- the step
     def __call__(self, rgb: torch.Tensor, c2w: torch.Tensor, prompt: str, step: int,
-                 generator: torch.Generator | None = None) -> GuidanceOutput:
+                 generator: torch.Generator | None = None, *,
+                 angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> GuidanceOutput:
         """Distillation loss of one batch of renders.
 
         Args:
@@ -478,6 +484,9 @@ class _ScoreDistillation:
             step: optimisation step (>= 0), for the timestep annealing.
             generator: CPU ``torch.Generator``; t is drawn first, then eps (N, C, h, w).
                 None uses the global RNG.
+            angles: the cameras' (N,) elevations and azimuths in degrees (orbit convention),
+                as sampled (:class:`mvdream_platform.cameras.CameraGroups`), for the
+                view-dependent prompts; None reads them back from ``c2w``.
 
         Returns:
             :class:`GuidanceOutput`.
@@ -489,7 +498,7 @@ class _ScoreDistillation:
         t = sample_timestep(min_step, max_step, generator)
         noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
         abar = self.schedule.abar_at(t)
-        prompts = self.view_prompts(prompt, c2w)
+        prompts = self.view_prompts(prompt, c2w, angles)
         cameras = self._cameras(c2w)
 
         with torch.no_grad():

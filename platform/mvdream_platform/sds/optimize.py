@@ -31,10 +31,9 @@ import numpy as np
 import torch
 
 from .. import storage
-from ..cameras import sample_camera_groups
+from ..cameras import orbit, sample_camera_groups
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SDSConfig
-from .export import orbit_cameras
 from .field import NeRFField
 from .guidance import DreamFusionGuidance, MultiViewGuidance
 from .render import VolumeRenderer
@@ -172,7 +171,7 @@ def train_step(scene: Scene, guidance, optimizer, prompt: str, cfg: SDSConfig, s
     with_normals = shading.needs_normals or cfg.normals_every_step
     out = scene.renderer.render(c2w, cams.fovy_deg, resolution, resolution, shading=shading,
                                 bg_color=bg_color, generator=generator, with_normals=with_normals)
-    g = guidance(out["rgb"], c2w, prompt, step, generator)
+    g = guidance(out["rgb"], c2w, prompt, step, generator, angles=(cams.elevation_deg, cams.azimuth_deg))
     loss = g.loss
     orient = out.get("orientation_loss")
     orient_weight = cfg.optim.orientation_weight(step)
@@ -206,10 +205,8 @@ def render_orbit(scene: Scene, cfg: SDSConfig, num_views: int, resolution: int,
     """
     device = next(scene.field.parameters()).device
     if c2w is None:
-        c2w, fovy = orbit_cameras(num_views, cfg.cameras.eval_elevation, cfg.cameras.eval_distance,
-                                  cfg.cameras.eval_fovy)
-    else:
-        fovy = torch.full((len(c2w),), cfg.cameras.eval_fovy)
+        c2w = orbit(num_views, cfg.cameras.eval_elevation, cfg.cameras.eval_distance)
+    fovy = torch.full((len(c2w),), float(cfg.cameras.eval_fovy))
     c2w, fovy = c2w.to(device), fovy.to(device)
     mode = Shading(mode=shading)
     over_black, opacities = [], []

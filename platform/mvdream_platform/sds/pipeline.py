@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from .. import storage
+from ..cameras import orbit
 from .config import SDSConfig
-from .export import extract_mesh, orbit_cameras, write_mesh, write_multiview_png, write_turntable
+from .export import extract_mesh, write_mesh, write_multiview_png, write_turntable
 from .optimize import Scene, build_scene, optimise, render_orbit
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,7 @@ def export_assets(scene: Scene, cfg: SDSConfig, out: str) -> tuple[dict[str, str
     except ValueError as error:  # an empty field: report it, keep the other assets
         log.warning("no mesh: %s", error)
         assets["mesh_error"] = str(error)
-    c2w, _ = orbit_cameras(ex.turntable_frames, cfg.cameras.eval_elevation, cfg.cameras.eval_distance,
-                           cfg.cameras.eval_fovy)
+    c2w = orbit(ex.turntable_frames, cfg.cameras.eval_elevation, cfg.cameras.eval_distance)
     frames = render_orbit(scene, cfg, ex.turntable_frames, ex.turntable_resolution, shading="albedo", c2w=c2w)
     assets |= {f"turntable.{k}": v for k, v in
                write_turntable(frames["rgb"], out, "turntable", fps=ex.turntable_fps).items()}

@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cameras import orbit_groups
 from ..sds.checkpoint import load_checkpoint, read_latest
 from ..sds.config import SDSConfig
-from ..sds.export import orbit_cameras
 from ..sds.guidance import GuidanceConfig, MultiViewGuidance, camera_condition
 from ..sds.optimize import Scene, build_scene, render_orbit
 
@@ -128,19 +128,6 @@ class ObjectiveConfig:
         return config
 
 
-def objective_cameras(views: int, group_size: int, elevation: float, distance: float,
-                      fovy: float) -> torch.Tensor:
-    """(views, 4, 4) c2w: ``views / group_size`` groups of views 360/group_size degrees
-    apart, the groups' azimuths offset evenly (so 8 views cover 8 distinct azimuths)."""
-    if views % group_size:
-        raise ValueError(f"tune.objective.views must be a multiple of the model's group size "
-                         f"{group_size}, got {views}")
-    groups = views // group_size
-    c2w = [orbit_cameras(group_size, elevation, distance, fovy,
-                         azimuth_start_deg=g * 360.0 / group_size / groups)[0] for g in range(groups)]
-    return torch.cat(c2w)
-
-
 class PriorScore:
     """The prior's denoising error on a NeRF's renders (see the module docstring).
 
@@ -164,8 +151,11 @@ class PriorScore:
             camera_condition=sds.guidance.camera_condition))
         self.resolution = config.resolution or self.guidance.size
         cams = sds.cameras
-        self.c2w = objective_cameras(config.views, self.guidance.group_size, cams.eval_elevation,
-                                     cams.eval_distance, cams.eval_fovy)
+        if config.views % self.guidance.group_size:
+            raise ValueError(f"tune.objective.views must be a multiple of the model's group size "
+                             f"{self.guidance.group_size}, got {config.views}")
+        self.c2w = orbit_groups(config.views, self.guidance.group_size, cams.eval_elevation,
+                                cams.eval_distance)
         T = self.guidance.schedule.num_train_timesteps
         self.timesteps = [min(max(int(round(f * T)), 1), T - 1) for f in config.timesteps]
         self.scene: Scene = build_scene(sds, seed=seed, device=device)  # step 0 of the trial
