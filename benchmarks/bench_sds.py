@@ -8,7 +8,8 @@ every variant alike (a global warm-up of ``--warmup`` iterations per variant fir
    tiny model as the prior; one group of 4 views) at each ``--resolutions`` render size, with
    albedo steps (no normals, as the warm-up steps) and lit steps (diffuse with a point
    light: analytic normals, i.e. a double backward, plus the orientation loss). Each
-   iteration is ``train_step`` cut into phases timed with ``time.perf_counter``:
+   iteration is the library's ``train_step`` itself, its phases timed with
+   ``time.perf_counter`` through its ``on_phase`` hook:
 
    * setup: camera, shading and background draws;
    * render fwd: ``renderer.render`` (rays, stratified samples, field, nerfacc compositing);
@@ -63,9 +64,8 @@ from mvdream_platform.cameras import get_rays, sample_camera_groups
 from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.sds.config import SDSConfig
 from mvdream_platform.sds.guidance import MultiViewGuidance
-from mvdream_platform.sds.optimize import build_optimizer, build_scene, step_generator
+from mvdream_platform.sds.optimize import build_optimizer, build_scene, step_generator, train_step
 from mvdream_platform.sds.render import ray_sphere_intersect
-from mvdream_platform.sds.shading import random_background_color, sample_shading
 
 from machine_info import describe
 
@@ -130,64 +130,45 @@ class Variant:
         return f"{self.arm} {self.resolution}px {self.shading}{normals}"
 
 
-def variant_config(cfg: SDSConfig, arm: str, normal_type: str) -> SDSConfig:
-    levels = ARMS[arm]["n_levels"] or cfg.field.n_levels
-    out = dataclasses.replace(cfg, render=dataclasses.replace(cfg.render, skip_empty_space=ARMS[arm]["skip_empty_space"]),
-                              field=dataclasses.replace(cfg.field, normal_type=normal_type, n_levels=levels))
+def variant_config(cfg: SDSConfig, arm: str, normal_type: str, resolution: int,
+                   shading: str) -> SDSConfig:
+    """The arm's field/render settings, a fixed render size, and one shading mode on every
+    step (albedo: the warm-up never ends; diffuse: lit from step 0, never textureless)."""
+    levels = ARMS.get(arm, {}).get("n_levels") or cfg.field.n_levels
+    skip = ARMS[arm]["skip_empty_space"] if arm in ARMS else cfg.render.skip_empty_space
+    if shading == "albedo":
+        shade = dataclasses.replace(cfg.shading, ambient_only_steps=10**9)
+    else:
+        shade = dataclasses.replace(cfg.shading, ambient_only_steps=0, diffuse_prob=1.0,
+                                    textureless_prob=0.0)
+    out = dataclasses.replace(
+        cfg, render=dataclasses.replace(cfg.render, skip_empty_space=skip),
+        field=dataclasses.replace(cfg.field, normal_type=normal_type, n_levels=levels),
+        cameras=dataclasses.replace(cfg.cameras, resolution=resolution, schedule=[]),
+        shading=shade)
     out.validate()
     return out
 
 
 def sds_iteration(v: Variant, guidance, unet_timer: TimedCall, prompt: str,
                   device: torch.device, sync) -> dict[str, float]:
-    """One ``train_step`` of ``v`` with its phases timed; returns seconds per phase."""
-    step, scene, optimizer, cfg = v.step, v.scene, v.optimizer, v.cfg
+    """One library ``train_step`` of ``v``, its phases timed through ``on_phase``."""
+    step = v.step
     v.step += 1
-    generator = step_generator(SEED, step)
     unet_timer.seconds = 0.0
+    times: dict[str, float] = {}
     sync()
-    t0 = time.perf_counter()
-    cams = sample_camera_groups(
-        cfg.cameras.groups, cfg.cameras.views, generator=generator,
-        elevation_range=tuple(cfg.cameras.elevation_range), fovy_range=tuple(cfg.cameras.fovy_range),
-        distance_range=tuple(cfg.cameras.distance_range),
-        relative_distance=cfg.cameras.relative_distance,
-        sphere_uniform_prob=cfg.cameras.sphere_uniform_prob, device=device)
-    c2w = cams.camera_to_world()
-    shading = sample_shading(cfg.shading, step, c2w[:, :3, 3], cfg.cameras.views, generator=generator)
-    shading = dataclasses.replace(shading, mode=v.shading)  # the variant's mode on every step
-    bg_color = random_background_color(generator, prob=0.5, device=device)
-    with_normals = shading.needs_normals or cfg.normals_every_step
-    sync()
-    t1 = time.perf_counter()
-    out = scene.renderer.render(c2w, cams.fovy_deg, v.resolution, v.resolution, shading=shading,
-                                bg_color=bg_color, generator=generator, with_normals=with_normals)
-    sync()
-    t2 = time.perf_counter()
-    g = guidance(out["rgb"], c2w, prompt, step, generator)
-    loss = g.loss
-    orient = out.get("orientation_loss")
-    orient_weight = cfg.optim.orientation_weight(step)
-    if orient is not None and orient_weight > 0:
-        loss = loss + orient_weight * orient
-    sync()
-    t3 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    sync()
-    t4 = time.perf_counter()
-    if cfg.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for grp in optimizer.param_groups for p in grp["params"]],
-                                       cfg.optim.grad_clip)
-    optimizer.step()
-    scene.renderer.update_occupancy(step + 1)
-    sync()
-    t5 = time.perf_counter()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss in {v.name} at step {step}")
-    return {"setup": t1 - t0, "render_fwd": t2 - t1, "guidance_fwd": t3 - t2,
-            "unet": unet_timer.seconds, "backward": t4 - t3, "optimizer": t5 - t4,
-            "total": t5 - t0}
+    start = last = time.perf_counter()
+
+    def on_phase(name: str) -> None:
+        nonlocal last
+        sync()
+        now = time.perf_counter()
+        times[name], last = now - last, now
+
+    train_step(v.scene, guidance, v.optimizer, prompt, v.cfg, step, step_generator(SEED, step),
+               device, on_phase=on_phase)
+    return times | {"unet": unet_timer.seconds, "total": last - start}
 
 
 def warm_occupancy_grid(scene, cfg: SDSConfig) -> None:
@@ -212,7 +193,7 @@ def bench_sds(cfg: SDSConfig, pipe, args, device: torch.device) -> list[dict]:
         for resolution in args.resolutions:
             for shading in args.shadings:
                 for normal_type in (["analytic"] if shading == "albedo" else args.normal_types):
-                    vcfg = cfg if arm == "cuda" else variant_config(cfg, arm, normal_type)
+                    vcfg = variant_config(cfg, arm, normal_type, resolution, shading)
                     scene = build_scene(vcfg, seed=SEED, device=device)
                     scene.renderer.train()
                     warm_occupancy_grid(scene, vcfg)
@@ -352,7 +333,7 @@ def check_same_image(scene, c2w, fovy, resolution: int, bg: torch.Tensor) -> dic
 
 
 def bench_baseline(cfg: SDSConfig, args, device: torch.device) -> list[dict]:
-    cfg = variant_config(cfg, "today", cfg.field.normal_type)  # dense samples on both sides
+    cfg = variant_config(cfg, "today", cfg.field.normal_type, cfg.cameras.resolution, "albedo")  # dense samples
     scene = build_scene(cfg, seed=SEED, device=device)
     renderer = scene.renderer.train()  # stratified jitter on, as in training
     params = list(scene.field.parameters())

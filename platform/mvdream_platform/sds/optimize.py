@@ -156,8 +156,16 @@ def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed:
 
 
 def train_step(scene: Scene, guidance, optimizer, prompt: str, cfg: SDSConfig, step: int,
-               generator: torch.Generator, device) -> dict[str, float]:
-    """One optimisation step; returns its scalars."""
+               generator: torch.Generator, device,
+               on_phase: Callable[[str], None] | None = None) -> dict[str, float]:
+    """One optimisation step; returns its scalars.
+
+    ``on_phase(name)`` is called as each phase ends, in order: ``setup`` (camera, shading and
+    background draws), ``render_fwd``, ``guidance_fwd`` (the distillation loss and the
+    orientation term), ``backward``, ``optimizer`` (the step and the occupancy-grid update);
+    ``benchmarks/bench_sds.py`` times the phases with it.
+    """
+    mark = on_phase or (lambda name: None)
     resolution, groups = cfg.cameras.at_step(step)
     cams = sample_camera_groups(
         groups, cfg.cameras.views, generator=generator, elevation_range=tuple(cfg.cameras.elevation_range),
@@ -169,24 +177,29 @@ def train_step(scene: Scene, guidance, optimizer, prompt: str, cfg: SDSConfig, s
     bg_color = random_background_color(generator, prob=0.5, device=device)
     # Normals cost a double backward: only lit steps (and the orientation loss) need them.
     with_normals = shading.needs_normals or cfg.normals_every_step
+    mark("setup")
     out = scene.renderer.render(c2w, cams.fovy_deg, resolution, resolution, shading=shading,
                                 bg_color=bg_color, generator=generator, with_normals=with_normals)
+    mark("render_fwd")
     g = guidance(out["rgb"], c2w, prompt, step, generator, angles=(cams.elevation_deg, cams.azimuth_deg))
     loss = g.loss
     orient = out.get("orientation_loss")
     orient_weight = cfg.optim.orientation_weight(step)
     if orient is not None and orient_weight > 0:
         loss = loss + orient_weight * orient
+    mark("guidance_fwd")
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss at step {step} (guidance {float(g.loss)}); "
                                  "lower the learning rates or the guidance scale")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    mark("backward")
     if cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_([p for grp in optimizer.param_groups for p in grp["params"]],
                                        cfg.optim.grad_clip)
     optimizer.step()
     scene.renderer.update_occupancy(step + 1)
+    mark("optimizer")
     return {"loss": float(loss.detach()), "loss_sds": float(g.loss.detach()),
             "loss_orient": float(orient.detach()) if orient is not None else 0.0,
             "t": float(g.t), "min_step": float(g.min_step), "max_step": float(g.max_step),
