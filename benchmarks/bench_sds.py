@@ -286,9 +286,11 @@ def fixed_views(cfg: SDSConfig, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def nerfacc_render(renderer, c2w, fovy, resolution: int, bg, seed: int) -> dict:
-    """The real renderer (nerfacc's batched compositing), albedo, no normals."""
-    return renderer.render(c2w, fovy, resolution, resolution, shading="albedo", bg_color=bg,
-                           generator=torch.Generator().manual_seed(seed), with_normals=False)
+    """The real renderer (nerfacc's batched compositing), albedo, no normals; as the plain
+    side's dict."""
+    out = renderer.render(c2w, fovy, resolution, resolution, shading="albedo", bg_color=bg,
+                          generator=torch.Generator().manual_seed(seed), with_normals=False)
+    return {"rgb": out.rgb, "opacity": out.opacity, "depth": out.depth}
 
 
 def plain_render(renderer, c2w, fovy, resolution: int, bg, seed: int) -> dict:

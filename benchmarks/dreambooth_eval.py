@@ -99,7 +99,7 @@ def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
         rgba = render.render_views(mesh, c2w, run.fovy_deg, run.resolution, antialias=2)
         truth = rgba[..., 3] > 127
         expected = classify_colour(rgba[..., :3][truth] / 255, shaded_palette())
-        return score_views(views["albedo"], views["opacity"], truth, expected)
+        return score_views(views.albedo, views.opacity, truth, expected)
 
     sds = yaml.safe_load((REPO / "conf" / "sds" / "tiny.yaml").read_text())
     cfg = sds_config_for({"sds": sds, "steps": steps, "guidance": "mvdream", "guidance_scale": None})

@@ -82,8 +82,8 @@ def test_solid_sphere_silhouette_depth_and_normals():
     with torch.no_grad():
         out = sphere_renderer().render(c2w, 40.0, size, size, shading="albedo",
                                        bg_color=torch.tensor([0.0, 0.0, 1.0]))
-    assert out["rgb"].shape == (n, size, size, 3) and out["normal"].shape == (n, size, size, 3)
-    assert out["opacity"].shape == (n, size, size, 1) and out["depth"].shape == (n, size, size, 1)
+    assert out.rgb.shape == (n, size, size, 3) and out.normal.shape == (n, size, size, 3)
+    assert out.opacity.shape == (n, size, size, 1) and out.depth.shape == (n, size, size, 1)
 
     origins, dirs = get_rays(c2w, 40.0, size, size)
     # Distance of each pixel's ray from the sphere's centre, and where it enters the sphere.
@@ -93,23 +93,23 @@ def test_solid_sphere_silhouette_depth_and_normals():
     inside, outside = miss_distance < 0.45, miss_distance > 0.55
     assert int(inside.sum()) > 100 and int(outside.sum()) > 100
 
-    opacity, depth = out["opacity"][..., 0], out["depth"][..., 0]
+    opacity, depth = out.opacity[..., 0], out.depth[..., 0]
     assert float(opacity[inside].min()) > 0.999
     assert float(opacity[outside].max()) < 1e-6
     # The first sample inside takes all the weight: depth within one bin (chord 2 / 64).
     assert float((depth[inside] - entry[inside]).abs().max()) < 2.0 / 64 + 1e-4
-    torch.testing.assert_close(out["rgb"][inside], torch.tensor(ALBEDO).expand(
+    torch.testing.assert_close(out.rgb[inside], torch.tensor(ALBEDO).expand(
         int(inside.sum()), 3), rtol=0, atol=1e-3)
-    torch.testing.assert_close(out["rgb"][outside], torch.tensor([0.0, 0.0, 1.0]).expand(
+    torch.testing.assert_close(out.rgb[outside], torch.tensor([0.0, 0.0, 1.0]).expand(
         int(outside.sum()), 3), rtol=0, atol=1e-6)
 
     # Normals: the sphere's outward normal at the entry point, facing the camera.
     entry_point = origins + entry[..., None] * dirs
     expected_normal = nn.functional.normalize(entry_point, dim=-1)
-    cosine = (out["normal"][inside] * expected_normal[inside]).sum(-1)
+    cosine = (out.normal[inside] * expected_normal[inside]).sum(-1)
     assert float(cosine.min()) > 0.99
-    assert float(out["normal"][outside].abs().max()) < 1e-6
-    assert float(out["orientation_loss"]) < 1e-6  # nothing faces away from the camera
+    assert float(out.normal[outside].abs().max()) < 1e-6
+    assert float(out.orientation_loss) < 1e-6  # nothing faces away from the camera
 
 
 @torch.no_grad()
@@ -117,10 +117,10 @@ def test_shading_modes_on_the_sphere():
     renderer = sphere_renderer()
     c2w = cameras(1)
     head_light = Shading("diffuse", ambient_color=(0.0,) * 3, diffuse_color=(1.0,) * 3)
-    diffuse = renderer.render(c2w, 20.0, 8, 8, shading=head_light)["rgb"]
+    diffuse = renderer.render(c2w, 20.0, 8, 8, shading=head_light).rgb
     textureless = renderer.render(c2w, 20.0, 8, 8, shading=Shading(
-        "textureless", ambient_color=(0.0,) * 3, diffuse_color=(1.0,) * 3))["rgb"]
-    albedo = renderer.render(c2w, 20.0, 8, 8, shading="albedo")["rgb"]
+        "textureless", ambient_color=(0.0,) * 3, diffuse_color=(1.0,) * 3)).rgb
+    albedo = renderer.render(c2w, 20.0, 8, 8, shading="albedo").rgb
     # A 20-degree view of a 0.5 sphere at distance 3 is all sphere, lit head-on: n . l ~ 1
     # at the centre, lower towards the rim.
     centre = (0, 3, 3)
@@ -132,7 +132,7 @@ def test_shading_modes_on_the_sphere():
     behind = -c2w[:, :3, 3] * 10
     back_lit = renderer.render(c2w, 20.0, 8, 8, shading=Shading(
         "textureless", ambient_color=(0.25,) * 3, diffuse_color=(1.0,) * 3),
-        light_positions=behind)["rgb"]
+        light_positions=behind).rgb
     torch.testing.assert_close(back_lit[centre], torch.full((3,), 0.25), rtol=0, atol=1e-4)
 
 
@@ -141,9 +141,9 @@ def test_gradients_flow_from_rgb_to_the_hash_grid_mlps_and_background():
     c2w = cameras(4, 2.5)
     out = renderer.render(c2w, torch.full((4,), 40.0), 32, 32, shading="diffuse",
                           generator=torch.Generator().manual_seed(0))
-    assert out["rgb"].shape == (4, 32, 32, 3)
-    assert bool(torch.isfinite(out["rgb"]).all())
-    (out["rgb"].mean() + out["orientation_loss"]).backward()
+    assert out.rgb.shape == (4, 32, 32, 3)
+    assert bool(torch.isfinite(out.rgb).all())
+    (out.rgb.mean() + out.orientation_loss).backward()
     groups = renderer.parameter_groups()
     assert set(groups) == {"encoding", "mlp", "background"}
     for name, params in groups.items():
@@ -160,28 +160,28 @@ def test_same_seed_same_render_and_the_jitter_follows_the_generator():
 
     a, b, c = render(1), render(1), render(2)
     for key in ("rgb", "opacity", "depth", "normal"):
-        assert torch.equal(a[key], b[key]), key
-    assert torch.equal(a["orientation_loss"], b["orientation_loss"])
-    assert not torch.equal(a["rgb"], c["rgb"])  # training mode jitters the samples
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert torch.equal(a.orientation_loss, b.orientation_loss)
+    assert not torch.equal(a.rgb, c.rgb)  # training mode jitters the samples
     evaluation = tiny_renderer(seed=0).eval()
     d = evaluation.render(cameras(2), 40.0, 16, 16, generator=torch.Generator().manual_seed(1))
     e = evaluation.render(cameras(2), 40.0, 16, 16, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(d["rgb"], e["rgb"])  # evaluation samples bin centres
+    assert torch.equal(d.rgb, e.rgb)  # evaluation samples bin centres
 
 
 def test_background_choice_and_compositing():
     renderer = tiny_renderer().eval()
     c2w = cameras(2)
     learned = renderer.render(c2w, 40.0, 8, 8, with_normals=False)
-    assert "normal" not in learned and "orientation_loss" not in learned
+    assert learned.normal is None and learned.orientation_loss is None
     _, dirs = get_rays(c2w, 40.0, 8, 8)
-    torch.testing.assert_close(learned["background"], renderer.background(dirs))
+    torch.testing.assert_close(learned.background, renderer.background(dirs))
     per_view = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     solid = renderer.render(c2w, 40.0, 8, 8, with_normals=False, bg_color=per_view)
-    torch.testing.assert_close(solid["background"][1, 5, 2], per_view[1])
+    torch.testing.assert_close(solid.background[1, 5, 2], per_view[1])
     # rgb = foreground + (1 - opacity) * background, the same foreground for both.
-    fg_learned = learned["rgb"] - (1 - learned["opacity"]) * learned["background"]
-    fg_solid = solid["rgb"] - (1 - solid["opacity"]) * solid["background"]
+    fg_learned = learned.rgb - (1 - learned.opacity) * learned.background
+    fg_solid = solid.rgb - (1 - solid.opacity) * solid.background
     torch.testing.assert_close(fg_learned, fg_solid)
 
 
@@ -196,7 +196,7 @@ def test_no_grad_renders_query_the_field_in_chunks():
         chunked = renderer.render(cameras(2), 40.0, 8, 8, shading="diffuse")
     assert len(calls) > 3
     for key in ("rgb", "opacity", "depth", "normal"):
-        torch.testing.assert_close(chunked[key], whole[key])
+        torch.testing.assert_close(getattr(chunked, key), getattr(whole, key))
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -247,7 +247,7 @@ def test_cpu_render_never_touches_the_nerfacc_cuda_extension(monkeypatch):
     renderer = tiny_renderer(samples=8)
     out = renderer.render(cameras(2), 40.0, 8, 8, shading="diffuse",
                           generator=torch.Generator().manual_seed(0))
-    (out["rgb"].sum() + out["orientation_loss"]).backward()
+    (out.rgb.sum() + out.orientation_loss).backward()
     renderer.update_occupancy(0)  # a no-op on CPU
     renderer.eval().render(cameras(1), 40.0, 8, 8)
     assert set(glob.glob(os.path.join(build_root, "*", "nerfacc_cuda"))) == builds_before
@@ -314,14 +314,14 @@ def test_empty_space_skipping_gives_the_dense_image_with_far_fewer_field_queries
         out = renderer.render(c2w, 40.0, 32, 32, shading=shading,
                               generator=torch.Generator().manual_seed(3),
                               with_normals=shading != "albedo")
-        loss = out["rgb"].square().sum() + out.get("orientation_loss", torch.zeros(()))
+        loss = out.rgb.square().sum() + (out.orientation_loss if out.orientation_loss is not None else torch.zeros(()))
         loss.backward()
         results[skip], queried[skip] = out, counting.queried
         grads[skip] = field.encoding.embeddings.grad.clone()
     dense, skipped = results[False], results[True]
     assert queried[True] < 0.35 * queried[False]
     for key, max_tol, mean_tol in (("rgb", 0.03, 0.006), ("opacity", 0.02, 0.003), ("depth", 0.05, 0.006)):
-        diff = (skipped[key] - dense[key]).detach().abs()
+        diff = (getattr(skipped, key) - getattr(dense, key)).detach().abs()
         assert float(diff.max()) < max_tol and float(diff.mean()) < mean_tol, (key, float(diff.max()))
     cosine = torch.nn.functional.cosine_similarity(grads[True].flatten(), grads[False].flatten(), dim=0)
     assert float(cosine) > 0.98
@@ -338,14 +338,14 @@ def test_finite_difference_normals_shade_like_analytic_ones():
         renderer.update_occupancy(0)
         out = renderer.render(c2w, 40.0, 24, 24, shading="diffuse", bg_color=torch.zeros(3),
                               generator=torch.Generator().manual_seed(5))
-        (out["rgb"].sum() + out["orientation_loss"]).backward()
+        (out.rgb.sum() + out.orientation_loss).backward()
         assert float(field.encoding.embeddings.grad.abs().sum()) > 0
         images[normal_type] = out
     a, b = images["analytic"], images["finite_difference"]
-    assert float((a["rgb"] - b["rgb"]).detach().abs().mean()) < 0.02
-    cosine = torch.nn.functional.cosine_similarity(a["normal"].detach().reshape(-1, 3),
-                                                   b["normal"].detach().reshape(-1, 3), dim=-1)
-    visible = a["opacity"].detach().reshape(-1) > 0.5
+    assert float((a.rgb - b.rgb).detach().abs().mean()) < 0.02
+    cosine = torch.nn.functional.cosine_similarity(a.normal.detach().reshape(-1, 3),
+                                                   b.normal.detach().reshape(-1, 3), dim=-1)
+    visible = a.opacity.detach().reshape(-1) > 0.5
     assert float(cosine[visible].mean()) > 0.9
 
 
@@ -371,8 +371,8 @@ def test_a_render_with_an_empty_grid_is_all_background():
     renderer = VolumeRenderer(_textured_field(), None, RenderConfig(num_samples_per_ray=16)).eval()
     renderer.estimator.binaries.fill_(False)
     out = renderer.render(cameras(2, 2.5), 40.0, 8, 8, bg_color=torch.tensor([0.2, 0.4, 0.6]))
-    assert float(out["opacity"].abs().max()) == 0.0
-    torch.testing.assert_close(out["rgb"], torch.tensor([0.2, 0.4, 0.6]).expand(2, 8, 8, 3))
+    assert float(out.opacity.abs().max()) == 0.0
+    torch.testing.assert_close(out.rgb, torch.tensor([0.2, 0.4, 0.6]).expand(2, 8, 8, 3))
 
 
 def _packed_weights_reference(t_starts, t_ends, sigmas, packed_info=None, ray_indices=None,
@@ -412,7 +412,7 @@ def test_packed_path_bookkeeping_matches_the_batched_path(monkeypatch):
     monkeypatch.setattr(nerfacc, "render_weight_from_density", _packed_weights_reference)
     packed = renderer.render(c2w, 50.0, 8, 8, **kwargs)
     for key in ("rgb", "opacity", "depth", "normal", "background", "orientation_loss"):
-        torch.testing.assert_close(packed[key], batched[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(getattr(packed, key), getattr(batched, key), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nerfacc's kernels)")
@@ -425,10 +425,10 @@ def test_cuda_occupancy_grid_path():
     # The blob occupies the centre, not the corners.
     assert 0 < int(renderer.estimator.binaries.sum()) < renderer.estimator.binaries.numel()
     out = renderer.render(cameras(4, 2.5).cuda(), 40.0, 32, 32, shading="diffuse")
-    assert out["rgb"].device.type == "cuda" and out["rgb"].shape == (4, 32, 32, 3)
-    centre = out["opacity"][:, 16, 16, 0]
-    assert bool((centre > 0.5).all()) and float(out["opacity"][:, 0, 0, 0].max()) < 0.5
-    (out["rgb"].mean() + out["orientation_loss"]).backward()
+    assert out.rgb.device.type == "cuda" and out.rgb.shape == (4, 32, 32, 3)
+    centre = out.opacity[:, 16, 16, 0]
+    assert bool((centre > 0.5).all()) and float(out.opacity[:, 0, 0, 0].max()) < 0.5
+    (out.rgb.mean() + out.orientation_loss).backward()
     assert float(renderer.field.encoding.embeddings.grad.abs().sum()) > 0
     cpu = VolumeRenderer(NeRFField(FieldConfig.tiny()), EnvironmentBackground(),
                          RenderConfig(num_samples_per_ray=256)).eval()
@@ -437,7 +437,7 @@ def test_cuda_occupancy_grid_path():
     evaluated = renderer.eval().render(cameras(4, 2.5).cuda(), 40.0, 32, 32, shading="albedo")
     # Same field, different samplers: close where it is dense; the CUDA path skips samples
     # with alpha < 0.01 in the faint halo, so only roughly equal on average.
-    difference = (evaluated["opacity"].detach().cpu() - reference["opacity"].detach()).abs()
+    difference = (evaluated.opacity.detach().cpu() - reference.opacity.detach()).abs()
     assert float(difference[:, 16, 16].max()) < 0.02 and float(difference.mean()) < 0.05
 
 

@@ -21,6 +21,7 @@ import trimesh
 from mvdream_platform.data import render, shapes
 from mvdream_platform.evaluation import geometry, janus
 from mvdream_platform.evaluation.text_to_3d import ProceduralScorer, headline, object_for_prompt
+from mvdream_platform.sds.optimize import OrbitRenders
 from mvdream_platform.sds.pipeline import FinishedRun, TextTo3DResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,9 +212,9 @@ def test_object_for_prompt_reads_marked_prompts(prompt, expected):
 def mesh_run(prompt: str, mesh: trimesh.Trimesh, out: Path | None, views: int = 4,
              resolution: int = 32) -> FinishedRun:
     """A finished run whose field is ``mesh`` (drawn by our mesh renderer, lit)."""
-    def draw(c2w, size: int) -> dict:
+    def draw(c2w, size: int) -> OrbitRenders:
         rgba = render.render_views(mesh, c2w, 40.0, size, antialias=2)
-        return {"rgb": rgba[..., :3], "albedo": rgba[..., :3] / 255, "opacity": rgba[..., 3] / 255}
+        return OrbitRenders(rgb=rgba[..., :3], albedo=rgba[..., :3] / 255, opacity=rgba[..., 3] / 255)
 
     return FinishedRun(prompt=prompt, out=None if out is None else str(out), seed=0, mesh=mesh, render=draw,
                        fovy_deg=40.0, elevation_deg=15.0, distance=3.0, resolution=resolution, views=views)

@@ -173,14 +173,14 @@ class ProceduralScorer:
             palette = shaded_palette()
             expected = [classify_colour(rgb[mask], palette) or part["colour"] for rgb, mask in zip(truth_rgb, truth)]
         quality: dict[str, Any] = {"object": obj.caption,
-                                   **score_views(views["albedo"], views["opacity"], truth, expected)}
+                                   **score_views(views.albedo, views.opacity, truth, expected)}
         quality["expected_colour"] = part["colour"]
         geometry = compare_geometry(run.mesh, obj.mesh, resolution=self.voxels, samples=self.chamfer_samples)
         for key in ("volume_iou", "chamfer", "genus", "genus_truth", "topology_ok"):
             quality[key] = geometry.pop(key)
         quality["geometry"] = geometry
         if run.out is not None:
-            _write_pair(run.out, "quality.png", views["rgb"], truth_rgb, truth)
+            _write_pair(run.out, "quality.png", views.rgb, truth_rgb, truth)
         if marker is not None:
             quality["janus"] = self.janus(run, obj)
         return quality
@@ -192,12 +192,12 @@ class ProceduralScorer:
         part = obj.attributes["parts"][0]
         azimuths, c2w = janus_orbit(self.janus_views, run.elevation_deg, run.distance)
         views = run.render(c2w, self.janus_resolution)
-        result = score_janus(views["albedo"], views["opacity"], azimuths, part["front"], body=part["colour"])
+        result = score_janus(views.albedo, views.opacity, azimuths, part["front"], body=part["colour"])
         truth_rgb, truth = render_truth(obj, c2w, run.fovy_deg, self.janus_resolution)
         result["truth_verdict"] = score_janus(truth_rgb, truth.astype(np.float32), azimuths, part["front"])["verdict"]
         result["resolution"] = self.janus_resolution
         if run.out is not None:
-            _write_pair(run.out, "janus.png", views["rgb"], truth_rgb, truth)
+            _write_pair(run.out, "janus.png", views.rgb, truth_rgb, truth)
         return result
 
 

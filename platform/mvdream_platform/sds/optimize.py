@@ -145,7 +145,7 @@ def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed:
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", t=f"{metrics['t']:.0f}")
         if tracker is not None and (done % cfg.render_every == 0 or done == cfg.steps):
             views = render_orbit(scene, cfg, num_views=4, resolution=cfg.cameras.resolution)
-            tracker.log_images("renders", views["rgb"], step=done, ncols=4)
+            tracker.log_images("renders", views.rgb, step=done, ncols=4)
         saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
         if saved:
             save_checkpoint(folder, done, scene.modules(), optimizer)
@@ -181,9 +181,9 @@ def train_step(scene: Scene, guidance, optimizer, prompt: str, cfg: SDSConfig, s
     out = scene.renderer.render(c2w, cams.fovy_deg, resolution, resolution, shading=shading,
                                 bg_color=bg_color, generator=generator, with_normals=with_normals)
     mark("render_fwd")
-    g = guidance(out["rgb"], c2w, prompt, step, generator, angles=(cams.elevation_deg, cams.azimuth_deg))
+    g = guidance(out.rgb, c2w, prompt, step, generator, angles=(cams.elevation_deg, cams.azimuth_deg))
     loss = g.loss
-    orient = out.get("orientation_loss")
+    orient = out.orientation_loss
     orient_weight = cfg.optim.orientation_weight(step)
     if orient is not None and orient_weight > 0:
         loss = loss + orient_weight * orient
@@ -203,19 +203,30 @@ def train_step(scene: Scene, guidance, optimizer, prompt: str, cfg: SDSConfig, s
     return {"loss": float(loss.detach()), "loss_sds": float(g.loss.detach()),
             "loss_orient": float(orient.detach()) if orient is not None else 0.0,
             "t": float(g.t), "min_step": float(g.min_step), "max_step": float(g.max_step),
-            "resolution": float(resolution), "opacity": float(out["opacity"].detach().mean())}
+            "resolution": float(resolution), "opacity": float(out.opacity.detach().mean())}
+
+
+@dataclass
+class OrbitRenders:
+    """Views of a scene as pictures (:func:`render_orbit`), numpy on the CPU.
+
+    Attributes:
+        rgb: (V, H, W, 3) uint8 over a solid grey background.
+        opacity: (V, H, W) float32 in [0, 1].
+        albedo: (V, H, W, 3) float32, the colour without background (the render over black
+            divided by the opacity).
+    """
+
+    rgb: np.ndarray
+    opacity: np.ndarray
+    albedo: np.ndarray
 
 
 @torch.no_grad()
 def render_orbit(scene: Scene, cfg: SDSConfig, num_views: int, resolution: int,
                  shading: str = "albedo", c2w: torch.Tensor | None = None,
-                 bg: float = 1.0, chunk: int = 8) -> dict[str, np.ndarray]:
-    """Render the evaluation orbit (or the given (V, 4, 4) cameras) in ``shading`` mode.
-
-    Returns numpy arrays: rgb (V, H, W, 3) uint8 over a solid ``bg`` grey, opacity (V, H, W)
-    float32 in [0, 1], albedo (V, H, W, 3) float32 (the colour without background: the
-    render over black divided by the opacity).
-    """
+                 bg: float = 1.0, chunk: int = 8) -> OrbitRenders:
+    """Render the evaluation orbit (or the given (V, 4, 4) cameras) in ``shading`` mode."""
     device = next(scene.field.parameters()).device
     if c2w is None:
         c2w = orbit(num_views, cfg.cameras.eval_elevation, cfg.cameras.eval_distance)
@@ -230,15 +241,15 @@ def render_orbit(scene: Scene, cfg: SDSConfig, num_views: int, resolution: int,
             out = scene.renderer.render(c2w[i:i + chunk], fovy[i:i + chunk], resolution, resolution,
                                         shading=mode, bg_color=torch.zeros(3, device=device),
                                         with_normals=mode.needs_normals)
-            over_black.append(out["rgb"].detach().clamp(0, 1))
-            opacities.append(out["opacity"].detach().clamp(0, 1))
+            over_black.append(out.rgb.detach().clamp(0, 1))
+            opacities.append(out.opacity.detach().clamp(0, 1))
     finally:
         scene.renderer.train(was_training)
     black, opacity = torch.cat(over_black), torch.cat(opacities)  # (V,H,W,3), (V,H,W,1)
     rgb = black + (1 - opacity) * bg
-    return {"rgb": (rgb * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy(),
-            "opacity": opacity[..., 0].cpu().numpy(),
-            "albedo": (black / opacity.clamp_min(1e-4)).clamp(0, 1).cpu().numpy()}
+    return OrbitRenders(rgb=(rgb * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy(),
+                        opacity=opacity[..., 0].cpu().numpy(),
+                        albedo=(black / opacity.clamp_min(1e-4)).clamp(0, 1).cpu().numpy())
 
 
 def _mean(records: list[dict[str, float]]) -> dict[str, float]:

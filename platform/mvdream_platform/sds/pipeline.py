@@ -32,7 +32,7 @@ from .. import storage
 from ..cameras import orbit
 from .config import SDSConfig
 from .export import extract_mesh, write_mesh, write_multiview_png, write_turntable
-from .optimize import Scene, build_scene, optimise, render_orbit
+from .optimize import OrbitRenders, Scene, build_scene, optimise, render_orbit
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class FinishedRun:
     out: str | None
     seed: int
     mesh: Any
-    render: Callable[[Any, int], dict[str, np.ndarray]]
+    render: Callable[[Any, int], OrbitRenders]
     fovy_deg: float
     elevation_deg: float
     distance: float
@@ -78,7 +78,7 @@ class FinishedRun:
         the untrained blob) under ``cfg``'s evaluation cameras."""
         device = next(scene.field.parameters()).device
 
-        def render(c2w, resolution: int) -> dict[str, np.ndarray]:
+        def render(c2w, resolution: int) -> OrbitRenders:
             c2w = torch.as_tensor(np.asarray(c2w) if not isinstance(c2w, torch.Tensor) else c2w,
                                   dtype=torch.float32, device=device)
             return render_orbit(scene, cfg, len(c2w), int(resolution), shading="albedo", c2w=c2w)
@@ -195,7 +195,7 @@ def export_assets(scene: Scene, cfg: SDSConfig, out: str) -> tuple[dict[str, str
     c2w = orbit(ex.turntable_frames, cfg.cameras.eval_elevation, cfg.cameras.eval_distance)
     frames = render_orbit(scene, cfg, ex.turntable_frames, ex.turntable_resolution, shading="albedo", c2w=c2w)
     assets |= {f"turntable.{k}": v for k, v in
-               write_turntable(frames["rgb"], out, "turntable", fps=ex.turntable_fps).items()}
+               write_turntable(frames.rgb, out, "turntable", fps=ex.turntable_fps).items()}
     views = render_orbit(scene, cfg, 4, ex.turntable_resolution, shading="albedo")
-    assets["multiview.png"] = write_multiview_png(views["rgb"], out, "multiview.png")
+    assets["multiview.png"] = write_multiview_png(views.rgb, out, "multiview.png")
     return assets, mesh

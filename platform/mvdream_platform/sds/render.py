@@ -39,7 +39,7 @@ from mvdream_platform.cameras import get_rays
 from mvdream_platform.sds.field import FieldOutput
 from mvdream_platform.sds.shading import SHADING_MODES, Shading, check_shading_mode, shade
 
-__all__ = ["RenderConfig", "VolumeRenderer", "ray_sphere_intersect"]
+__all__ = ["RenderConfig", "RenderOutput", "VolumeRenderer", "ray_sphere_intersect"]
 
 
 @dataclass
@@ -172,6 +172,31 @@ def _expand_per_view(name: str, value: torch.Tensor, n: int, height: int, width:
     if value.ndim == 4 and tuple(value.shape) == (n, height, width, 3):
         return value
     raise ValueError(f"{name} must have shape {allowed}, got {tuple(value.shape)}")
+
+
+@dataclass
+class RenderOutput:
+    """N rendered views (:meth:`VolumeRenderer.render`).
+
+    Attributes:
+        rgb: (N, H, W, 3) foreground over background, rgb_fg + (1 - opacity) * bg.
+        opacity: (N, H, W, 1) sum of weights, in [0, 1].
+        depth: (N, H, W, 1) sum_i w_i t_i (camera distance along the ray, composited over 0;
+            divide by opacity for the surface distance).
+        background: (N, H, W, 3) the background colour used.
+        normal: (N, H, W, 3) world normals composited over 0, sum_i w_i n_i (length <=
+            opacity, in [-1, 1]); None without normals.
+        orientation_loss: () DreamFusion's sum_i stopgrad(w_i) relu(n_i . d)^2 summed over each
+            ray's samples, averaged over the rays with opacity > 0 (penalises normals facing
+            away from the camera); None without normals.
+    """
+
+    rgb: torch.Tensor
+    opacity: torch.Tensor
+    depth: torch.Tensor
+    background: torch.Tensor
+    normal: torch.Tensor | None = None
+    orientation_loss: torch.Tensor | None = None
 
 
 class VolumeRenderer(nn.Module):
@@ -413,7 +438,7 @@ class VolumeRenderer(nn.Module):
                light_positions: torch.Tensor | None = None,
                bg_color: torch.Tensor | None = None,
                generator: torch.Generator | None = None,
-               with_normals: bool = True) -> dict[str, torch.Tensor]:
+               with_normals: bool = True) -> RenderOutput:
         """Render N views.
 
         Args:
@@ -432,18 +457,7 @@ class VolumeRenderer(nn.Module):
                 the reference always computes them). False is faster for albedo previews.
 
         Returns:
-            dict with
-            "rgb" (N, H, W, 3): foreground over background, rgb_fg + (1 - opacity) * bg;
-            "opacity" (N, H, W, 1): sum of weights, in [0, 1];
-            "depth" (N, H, W, 1): sum_i w_i t_i (camera distance along the ray, composited
-                over 0; divide by opacity for the surface distance);
-            "background" (N, H, W, 3): the background colour used;
-            and, with normals,
-            "normal" (N, H, W, 3): world normals composited over 0, sum_i w_i n_i (length
-                <= opacity, in [-1, 1]);
-            "orientation_loss" (): DreamFusion's sum_i stopgrad(w_i) relu(n_i . d)^2 summed
-                over each ray's samples, averaged over the rays with opacity > 0
-                (penalises normals facing away from the camera).
+            :class:`RenderOutput` (normal and orientation_loss only ``with_normals``).
         """
         if not isinstance(c2w, torch.Tensor) or c2w.ndim != 3 or tuple(c2w.shape[1:]) != (4, 4):
             raise ValueError(f"c2w must be a tensor of shape (N, 4, 4), got "
@@ -518,15 +532,15 @@ class VolumeRenderer(nn.Module):
         def view(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(n, height, width, x.shape[-1])
 
-        result = {"rgb": view(image), "opacity": view(opacity), "depth": view(sums["depth"]),
-                  "background": view(background)}
+        result = RenderOutput(rgb=view(image), opacity=view(opacity), depth=view(sums["depth"]),
+                              background=view(background))
         if out.normal is not None:
-            result["normal"] = view(sums["normal"])
+            result.normal = view(sums["normal"])
             facing_away = (out.normal * sample_dirs).sum(dim=-1).clamp_min(0.0) ** 2
             n_visible = (opacity > 0).sum().clamp_min(1)
-            result["orientation_loss"] = (weights.detach() * facing_away).sum() / n_visible
+            result.orientation_loss = (weights.detach() * facing_away).sum() / n_visible
         return result
 
-    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+    def forward(self, *args, **kwargs) -> RenderOutput:
         """Same as :meth:`render`."""
         return self.render(*args, **kwargs)

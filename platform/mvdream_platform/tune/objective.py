@@ -166,7 +166,7 @@ class PriorScore:
     def renders(self, scene: Scene, resolution: int | None = None) -> np.ndarray:
         """(views, H, W, 3) uint8 albedo renders over white at the fixed cameras."""
         return render_orbit(scene, self.sds, len(self.c2w), resolution or self.resolution,
-                            shading="albedo", c2w=self.c2w)["rgb"]
+                            shading="albedo", c2w=self.c2w).rgb
 
     @torch.no_grad()
     def score_renders(self, rgb: np.ndarray) -> dict[str, float]:
