@@ -104,7 +104,7 @@ def time_mixture(mv: str, img: str, size: int, workers: int, steps: int) -> dict
     iterator = iter(loader)
     next(iterator)  # the first batch pays for forking workers and filling the pipeline
     first = time.perf_counter()
-    images = sum(batch["images"].shape[0] for batch in iterator)
+    images = sum(batch.images.shape[0] for batch in iterator)
     elapsed = time.perf_counter() - first
     return {"batches_per_s": steps / elapsed, "images_per_s": images / elapsed,
             "startup_s": first - started}

@@ -3,6 +3,8 @@ DataLoader workers, bad records skipped and counted, resume."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from mvdream_platform.data.mixture import (
     MULTIVIEW,
     BatchPlanner,
     MixtureLoader,
+    TrainingBatch,
     step_kind,
 )
 from test_datasets import (
@@ -38,19 +41,19 @@ def datasets(root, multiview=True, images=True):
             TextImageDataset(str(root / "img"), resolution=8) if images else None)
 
 
-def run(loader: MixtureLoader) -> list[dict]:
+def run(loader: MixtureLoader) -> list[TrainingBatch]:
     return list(loader)  # loaders here have num_steps set
 
 
-def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+def assert_same_batches(a: list[TrainingBatch], b: list[TrainingBatch]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert torch.equal(x[key], y[key]), key
+        for key in (f.name for f in dataclasses.fields(TrainingBatch)):
+            u, v = getattr(x, key), getattr(y, key)
+            if isinstance(u, torch.Tensor):
+                assert torch.equal(u, v), key
             else:
-                assert x[key] == y[key], key
+                assert u == v, key
 
 
 def test_step_kinds_follow_p_multiview_and_depend_on_seed_and_step_only():
@@ -66,22 +69,22 @@ def test_step_kinds_follow_p_multiview_and_depend_on_seed_and_step_only():
 def test_batches_are_homogeneous_with_documented_shapes(data_root):
     loader = MixtureLoader(*datasets(data_root), multiview_batch=2, image_batch=3, num_steps=24)
     batches = run(loader)
-    kinds = [b["kind"] for b in batches]
+    kinds = [b.kind for b in batches]
     assert kinds == [loader.kind_of_step(s) for s in range(24)]
     assert set(kinds) == {MULTIVIEW, IMAGE}
     for step, b in enumerate(batches):
-        assert b["step"] == step and b["images"].dtype == torch.float32
-        assert b["images"].min() >= -1 and b["images"].max() <= 1
-        if b["kind"] == MULTIVIEW:
-            assert b["images"].shape == (8, 3, 8, 8) and b["cameras"].shape == (8, 16)
-            assert b["num_frames"] == 4 and b["num_objects"] == 2
-            assert b["azimuths_deg"].shape == (8,) and len(b["object_ids"]) == 2
-            assert b["captions"] == [c for c in b["object_captions"] for _ in range(4)]
-            assert torch.allclose(b["cameras"].reshape(8, 4, 4)[:, :3, 3].norm(dim=-1),
+        assert b.step == step and b.images.dtype == torch.float32
+        assert b.images.min() >= -1 and b.images.max() <= 1
+        if b.kind == MULTIVIEW:
+            assert b.images.shape == (8, 3, 8, 8) and b.cameras.shape == (8, 16)
+            assert b.num_frames == 4 and b.num_objects == 2
+            assert b.azimuths_deg.shape == (8,) and len(b.object_ids) == 2
+            assert b.captions == [c for c in b.object_captions for _ in range(4)]
+            assert torch.allclose(b.cameras.reshape(8, 4, 4)[:, :3, 3].norm(dim=-1),
                                   torch.ones(8), atol=1e-5)
         else:
-            assert b["images"].shape == (3, 3, 8, 8) and b["cameras"] is None
-            assert b["num_frames"] == 1 and len(b["captions"]) == len(b["keys"]) == 3
+            assert b.images.shape == (3, 3, 8, 8) and b.cameras is None
+            assert b.num_frames == 1 and len(b.captions) == len(b.keys) == 3
     assert loader.stats["batches"] == {MULTIVIEW: kinds.count(MULTIVIEW),
                                        IMAGE: kinds.count(IMAGE)}
     assert loader.stats["skipped_multiview"] == loader.stats["skipped_image"] == 0
@@ -93,10 +96,10 @@ def test_every_rank_runs_the_same_kind_and_seeds_reproduce(data_root):
                                  seed=seed, rank=rank, world_size=2, num_steps=12))
 
     rank0, rank1 = batches(0), batches(1)
-    assert [b["kind"] for b in rank0] == [b["kind"] for b in rank1]
-    assert all(a["indices"] != b["indices"] for a, b in zip(rank0, rank1))
+    assert [b.kind for b in rank0] == [b.kind for b in rank1]
+    assert all(a.indices != b.indices for a, b in zip(rank0, rank1))
     assert_same_batches(rank0, batches(0))
-    assert [b["kind"] for b in rank0] != [b["kind"] for b in batches(0, seed=5)]
+    assert [b.kind for b in rank0] != [b.kind for b in batches(0, seed=5)]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -125,7 +128,7 @@ def test_ddp_sharding_through_the_loader(data_root):
     for rank in range(2):
         loader = MixtureLoader(*datasets(data_root, images=False), multiview_batch=2,
                                rank=rank, world_size=2, num_steps=3)  # 6 >= ceil(11 / 2)
-        epoch0 = [i for b in run(loader) for e, i in zip(b["epochs"], b["indices"]) if e == 0]
+        epoch0 = [i for b in run(loader) for e, i in zip(b.epochs, b.indices) if e == 0]
         union[rank] = epoch0
         assert len(set(epoch0)) == len(epoch0)
     assert not set(union[0]) & set(union[1])
@@ -143,10 +146,10 @@ def test_workers_yield_exactly_the_batches_of_the_main_process(data_root):
 def test_one_absent_dataset_means_all_of_the_other(data_root):
     only_mv = run(MixtureLoader(*datasets(data_root, images=False), num_steps=6,
                                 multiview_batch=2))
-    assert {b["kind"] for b in only_mv} == {MULTIVIEW}
+    assert {b.kind for b in only_mv} == {MULTIVIEW}
     only_img = run(MixtureLoader(*datasets(data_root, multiview=False), num_steps=6,
                                  image_batch=3))
-    assert {b["kind"] for b in only_img} == {IMAGE}
+    assert {b.kind for b in only_img} == {IMAGE}
 
 
 def test_resume_from_state_dict_continues_the_same_sequence(data_root):
@@ -159,7 +162,7 @@ def test_resume_from_state_dict_continues_the_same_sequence(data_root):
     resumed = MixtureLoader(*datasets(data_root), multiview_batch=2, image_batch=3, num_steps=9)
     resumed.load_state_dict(state)
     assert_same_batches(full[5:], run(resumed))
-    assert resumed.stats["batches"] == {k: sum(b["kind"] == k for b in full)
+    assert resumed.stats["batches"] == {k: sum(b.kind == k for b in full)
                                         for k in (MULTIVIEW, IMAGE)}
 
 
@@ -177,16 +180,16 @@ def test_bad_records_are_skipped_counted_and_batches_topped_up(tmp_path, num_wor
                            num_workers=num_workers)
     batches = run(loader)
     for b in batches:  # every batch full, no bad record in it
-        assert b["num_objects"] == (2 if b["kind"] == MULTIVIEW else 3)
-        if b["kind"] == MULTIVIEW:
-            assert not set(b["indices"]) & bad_ids
+        assert b.num_objects == (2 if b.kind == MULTIVIEW else 3)
+        if b.kind == MULTIVIEW:
+            assert not set(b.indices) & bad_ids
     stats = loader.stats
     assert set(stats["reasons"][MULTIVIEW]) == set(bad_objects.values())
     assert set(stats["reasons"][IMAGE]) == set(image_reasons)
     assert stats["skipped_multiview"] == sum(stats["reasons"][MULTIVIEW].values())
     assert stats["skipped_image"] == sum(stats["reasons"][IMAGE].values())
-    assert stats["skipped_multiview"] == sum(b["skipped"]["count"] for b in batches
-                                             if b["kind"] == MULTIVIEW)
+    assert stats["skipped_multiview"] == sum(b.skipped["count"] for b in batches
+                                             if b.kind == MULTIVIEW)
     assert stats["listing"] == {MULTIVIEW: {}, IMAGE: {"bad_shard": 1}}
     # Two full epochs of each dataset went by: every bad record was met at least twice.
     assert stats["epoch"][MULTIVIEW] >= 2 and stats["epoch"][IMAGE] >= 2
@@ -221,4 +224,4 @@ def test_clear_errors_for_bad_configurations(data_root):
 def test_from_uris_builds_the_mixture(data_root):
     loader = MixtureLoader.from_uris(str(data_root / "mv"), None, resolution=8, num_steps=2,
                                      multiview_batch=2)
-    assert [b["images"].shape for b in loader] == [(8, 3, 8, 8)] * 2
+    assert [b.images.shape for b in loader] == [(8, 3, 8, 8)] * 2

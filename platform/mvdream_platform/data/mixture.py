@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -192,38 +192,66 @@ class BatchPlanner:
 # ----------------------------------------------------------------------------- batches
 
 
-def collate_multiview(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """B multi-view items (F views each) -> one batch, views contiguous per object.
+@dataclass
+class TrainingBatch:
+    """One step's batch, as the training loop receives it (one kind per step, never mixed).
 
-    Returns:
-        images (B*F, 3, H, W); cameras (B*F, 16); azimuths_deg (B*F,); captions: list of B*F
-        (each object's caption repeated for its F views, aligned with the images);
-        object_captions, object_ids, attributes: lists of B; num_frames: F; num_objects: B.
+    Attributes:
+        kind: ``"multiview"`` or ``"image"``.
+        step: the training step it belongs to.
+        images: (N, 3, H, W) float32 in [-1, 1]; N = B * F with each object's F views
+            contiguous (multi-view) or N = B images (F = 1).
+        cameras: (N, 16) camera-to-world vectors, or None for text-image batches.
+        captions: N captions aligned with ``images`` (an object's caption repeated F times).
+        num_frames: F (1 for text-image batches).
+        num_objects: B.
+        epochs, indices: the dataset records used, one per object or image (epoch, index).
+        skipped: ``{"count": int, "reasons": {reason: int}}`` of records replaced by spares.
+        azimuths_deg: (N,) the views' MVDream azimuths (multi-view only).
+        object_captions, object_ids, attributes: per object (multi-view only).
+        keys: per image (text-image only).
     """
+
+    kind: str
+    step: int
+    images: torch.Tensor
+    cameras: torch.Tensor | None
+    captions: list[str]
+    num_frames: int
+    num_objects: int
+    epochs: list[int] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    skipped: dict[str, Any] = field(default_factory=lambda: {"count": 0, "reasons": {}})
+    azimuths_deg: torch.Tensor | None = None
+    object_captions: list[str] | None = None
+    object_ids: list[str] | None = None
+    attributes: list[dict] | None = None
+    keys: list[str] | None = None
+
+
+def collate_multiview(items: list[dict[str, Any]], step: int = 0) -> TrainingBatch:
+    """B multi-view items (F views each) -> one batch, views contiguous per object."""
     num_frames = items[0]["images"].shape[0]
-    return {
-        "images": torch.cat([it["images"] for it in items]),
-        "cameras": torch.cat([it["cameras"] for it in items]),
-        "azimuths_deg": torch.cat([it["azimuths_deg"] for it in items]),
-        "captions": [it["caption"] for it in items for _ in range(num_frames)],
-        "object_captions": [it["caption"] for it in items],
-        "object_ids": [it["object_id"] for it in items],
-        "attributes": [it["attributes"] for it in items],
-        "num_frames": num_frames,
-        "num_objects": len(items),
-    }
+    return TrainingBatch(
+        kind=MULTIVIEW, step=step,
+        images=torch.cat([it["images"] for it in items]),
+        cameras=torch.cat([it["cameras"] for it in items]),
+        azimuths_deg=torch.cat([it["azimuths_deg"] for it in items]),
+        captions=[it["caption"] for it in items for _ in range(num_frames)],
+        object_captions=[it["caption"] for it in items],
+        object_ids=[it["object_id"] for it in items],
+        attributes=[it["attributes"] for it in items],
+        num_frames=num_frames, num_objects=len(items),
+    )
 
 
-def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_images(items: list[dict[str, Any]], step: int = 0) -> TrainingBatch:
     """B2 text-image items -> images (B2, 3, H, W), captions/keys (B2), cameras None, F = 1."""
-    return {
-        "images": torch.cat([it["images"] for it in items]),
-        "cameras": None,
-        "captions": [it["caption"] for it in items],
-        "keys": [it["key"] for it in items],
-        "num_frames": 1,
-        "num_objects": len(items),
-    }
+    return TrainingBatch(
+        kind=IMAGE, step=step, images=torch.cat([it["images"] for it in items]), cameras=None,
+        captions=[it["caption"] for it in items], keys=[it["key"] for it in items],
+        num_frames=1, num_objects=len(items),
+    )
 
 
 def load_with_topup(dataset: Any, kind: str, plan: BatchPlan, size: int
@@ -259,13 +287,13 @@ class _BatchBuilder(Dataset):
     def __init__(self, datasets: dict[str, Any], batch_sizes: dict[str, int]):
         self.datasets, self.batch_sizes = datasets, batch_sizes
 
-    def __getitem__(self, plan: BatchPlan) -> dict[str, Any]:
+    def __getitem__(self, plan: BatchPlan) -> TrainingBatch:
         items, used, reasons = load_with_topup(self.datasets[plan.kind], plan.kind, plan,
                                                self.batch_sizes[plan.kind])
-        batch = collate_multiview(items) if plan.kind == MULTIVIEW else collate_images(items)
-        batch.update(kind=plan.kind, step=plan.step, epochs=[e for e, _ in used],
-                     indices=[i for _, i in used],
-                     skipped={"count": sum(reasons.values()), "reasons": dict(reasons)})
+        collate = collate_multiview if plan.kind == MULTIVIEW else collate_images
+        batch = collate(items, plan.step)
+        batch.epochs, batch.indices = [e for e, _ in used], [i for _, i in used]
+        batch.skipped = {"count": sum(reasons.values()), "reasons": dict(reasons)}
         return batch
 
 
@@ -305,13 +333,7 @@ class MixtureLoader:
             (None: forever).
         prefetch_factor, pin_memory, multiprocessing_context: passed to the DataLoader.
 
-    Iterating yields dicts. Both kinds have: ``kind`` (``"multiview"`` | ``"image"``),
-    ``step``, ``images`` (N, 3, H, W) float32 in [-1, 1], ``cameras`` ((N, 16) or None),
-    ``captions`` (list of N, aligned with ``images``), ``num_frames`` (F or 1),
-    ``num_objects``, ``indices`` / ``epochs`` (the dataset records used, one per object or
-    image), ``skipped`` (``{"count", "reasons"}`` for this batch). Multi-view batches
-    (N = B * F, views contiguous per object) add ``azimuths_deg`` (N,), ``object_captions``,
-    ``object_ids``, ``attributes`` (lists of B); image batches add ``keys`` (list of N).
+    Iterating yields :class:`TrainingBatch` es.
 
     A new ``for`` loop continues after the last batch consumed (``state_dict`` /
     ``load_state_dict`` save and restore that position and the counts).
@@ -353,7 +375,7 @@ class MixtureLoader:
         """The kind of batch step ``step`` yields (identical on every rank)."""
         return self.planner.kind(step)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TrainingBatch]:
         builder = _BatchBuilder(self.datasets, self.batch_sizes)
         sampler = _PlanSampler(self.planner, self.step, self.num_steps)
         options = dict(self._loader_options) if self.num_workers else {
@@ -362,16 +384,16 @@ class MixtureLoader:
                             num_workers=self.num_workers, **options)
         for batch in loader:
             self._record(batch)
-            self.step = batch["step"] + 1
+            self.step = batch.step + 1
             yield batch
 
-    def _record(self, batch: dict[str, Any]) -> None:
-        kind, skipped = batch["kind"], batch["skipped"]
+    def _record(self, batch: TrainingBatch) -> None:
+        kind, skipped = batch.kind, batch.skipped
         self._stats["batches"][kind] += 1
         self._stats[f"skipped_{kind}"] += skipped["count"]
         for reason, n in skipped["reasons"].items():
             self._stats["reasons"][kind][reason] = self._stats["reasons"][kind].get(reason, 0) + n
-        self._stats["epoch"][kind] = max(batch["epochs"])
+        self._stats["epoch"][kind] = max(batch.epochs)
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -169,12 +169,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator, device, autocast):
     """One micro-batch: returns (loss, info)."""
-    frames = batch["num_frames"]
-    captions = drop_text(batch["captions"], cfg.trainer.text_dropout, generator, num_frames=frames)
+    frames = batch.num_frames
+    captions = drop_text(batch.captions, cfg.trainer.text_dropout, generator, num_frames=frames)
     with torch.no_grad():
         context = text_encoder.encode(captions).to(device)
-        x0 = codec.encode(batch["images"].to(device))
-    camera = batch["cameras"].to(device) if batch["cameras"] is not None else None
+        x0 = codec.encode(batch.images.to(device))
+    camera = batch.cameras.to(device) if batch.cameras is not None else None
     with autocast:
         return diffusion_loss(model, x0, context, camera, frames, schedule,
                               prediction_type=cfg.trainer.prediction_type, generator=generator)
@@ -253,14 +253,14 @@ class _Window:
     def add(self, loss: float, batch: dict, data_s: float, forward_s: float, backward_s: float) -> None:
         """One micro-batch (``loss`` is the diffusion loss)."""
         self.losses.append(loss)
-        self.images += batch["images"].shape[0]
+        self.images += batch.images.shape[0]
         # A sample is one object (its 4 views) on multi-view steps, one image on 2D steps.
-        self.samples += batch["images"].shape[0] // batch["num_frames"]
+        self.samples += batch.images.shape[0] // batch.num_frames
         self.seconds["data"] += data_s
         self.seconds["forward"] += forward_s
         self.seconds["backward"] += backward_s
-        self.kinds[batch["kind"]] += 1
-        self.skipped += int(batch.get("skipped", {}).get("count", 0))
+        self.kinds[batch.kind] += 1
+        self.skipped += int(batch.skipped["count"])
 
     def add_preservation(self, value: float) -> None:
         """DreamBooth's preservation term of one optimizer step."""
