@@ -34,7 +34,7 @@ from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 from mvdream_platform.sds.config import SDSConfig, sds_config_for
 from mvdream_platform.sds.pipeline import TextTo3DResult, run_text_to_3d
 from mvdream_platform.threads import set_torch_threads
-from mvdream_platform.tracking import start_tracking
+from mvdream_platform.tracking import start_tracking, tracking_dir
 
 from _common import expand_model_argv, model_config_from, save_resolved_config, warn_unknown_words
 
@@ -75,11 +75,9 @@ def run(cfg: DictConfig) -> TextTo3DResult:
     pipe.set_progress_bar_config(disable=True)
     save_resolved_config(cfg, cfg.out)
     name = Path(str(cfg.out).rstrip("/")).name
-    # W&B writes local files: inside `out` when it is local, else under outputs/wandb/.
-    local = storage.local_path(cfg.out) if storage.is_local(cfg.out) else str(Path("outputs", "wandb", name))
     tracker = start_tracking(mode=cfg.logger.mode, project=cfg.logger.project, run_name=f"t23d-{name}",
                              group=cfg.group, config=OmegaConf.to_container(cfg, resolve=True),
-                             dir=str(Path(local) / "tracking"), job_type="text_to_3d",
+                             dir=tracking_dir(cfg.out, name), job_type="text_to_3d",
                              # one W&B run per output folder, continued when the job resumes
                              resume_id=f"t23d-{zlib.crc32(str(cfg.out).encode()):08x}")
     try:

@@ -25,7 +25,6 @@ import _starting  # noqa: F401  (its first line, before the heavy imports below)
 
 # isort: split
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,11 +46,9 @@ RUN_KEYS = ("prompt", "seed", "steps", "guidance", "guidance_scale", "device")
 
 def _absolute(path: str | None, keep_repo_relative: bool = False) -> str | None:
     """Local relative paths -> absolute (trials run in other folders); URIs as they are."""
-    if not path or not storage.is_local(path) or os.path.isabs(storage.local_path(path)):
-        return path
-    if keep_repo_relative and (REPO_ROOT / path).exists():
+    if keep_repo_relative and path and storage.is_local(path) and (REPO_ROOT / path).exists():
         return path  # resolved against the installed source tree on every node
-    return os.path.abspath(storage.local_path(path))
+    return storage.absolute(path)
 
 
 def sweep_config_from(cfg: DictConfig) -> SweepConfig:

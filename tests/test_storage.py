@@ -36,3 +36,23 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         storage.get_dir(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         storage.get_dir("memory://does/not/exist")
+
+
+def test_absolute_resolves_local_relative_paths_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("data/set") == str(tmp_path / "data" / "set")
+    assert storage.absolute("file://data/set") == str(tmp_path / "data" / "set")
+    assert storage.absolute("/abs/path") == "/abs/path"
+    assert storage.absolute("s3://bucket/key") == "s3://bucket/key"
+    assert storage.absolute(None) is None and storage.absolute("") == ""
+
+
+def test_jsonable_turns_arrays_tensors_and_tuples_into_json_types():
+    import numpy as np
+    import torch
+
+    value = {"a": (1, 2), 3: np.float32(0.5), "t": torch.tensor([1.0, 2.0]), "n": np.arange(2)}
+    assert storage.jsonable(value) == {"a": [1, 2], "3": 0.5, "t": [1.0, 2.0], "n": [0, 1]}
+    assert storage.jsonable(object).startswith("<class")
+    with pytest.raises(TypeError, match="cannot store type as JSON"):
+        storage.jsonable(object, strict=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import PIL.Image
@@ -222,3 +223,10 @@ def test_real_offline_run_and_resume(tmp_path, monkeypatch, caplog):
     runs = sorted((out / "wandb").glob(f"offline-run-*-{run_id}*"))
     assert len(runs) == 2 and all((r / f"run-{run_id}.wandb").exists() for r in runs)
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
+
+
+def test_tracking_dir_is_inside_a_local_output_and_local_for_an_object_store():
+    from mvdream_platform.tracking import tracking_dir
+
+    assert tracking_dir("outputs/run1", "run1") == os.path.join("outputs/run1", "tracking")
+    assert tracking_dir("s3://bucket/run1", "sweep", "t3") == os.path.join("outputs", "wandb", "sweep", "t3", "tracking")

@@ -36,6 +36,15 @@ def local_path(uri: str | os.PathLike) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+def absolute(uri: str | os.PathLike | None) -> str | None:
+    """A local relative path made absolute against this process's working directory (Ray
+    workers, Tune trials and Serve replicas run elsewhere); URIs, absolute paths and None as
+    they are."""
+    if not uri or not is_local(uri):
+        return None if uri is None else os.fspath(uri)
+    return os.path.abspath(local_path(uri))
+
+
 def join(uri: str | os.PathLike, *parts: str) -> str:
     """Join path parts onto a path or URL with ``/``."""
     out = os.fspath(uri).rstrip("/")

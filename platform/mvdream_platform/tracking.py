@@ -381,6 +381,16 @@ def _wandb_settings(wandb: Any, overrides: dict[str, Any] | None) -> Any:
     return wandb.Settings(**wanted)
 
 
+def tracking_dir(out: str | os.PathLike, *fallback: str) -> str:
+    """The LOCAL folder a run's tracking writes to: ``<out>/tracking`` when ``out`` is local,
+    else ``outputs/wandb/<fallback...>/tracking`` (W&B writes files; it cannot write to an
+    object store)."""
+    from . import storage
+
+    local = storage.local_path(out) if storage.is_local(out) else os.path.join("outputs", "wandb", *fallback)
+    return os.path.join(local, "tracking")
+
+
 def start_tracking(
     mode: str,
     project: str,

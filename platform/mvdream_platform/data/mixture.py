@@ -29,7 +29,7 @@ records drawn at random (seeded by step and rank) from the same epoch's shard of
 batch shapes stay constant. A replacement may repeat a record already seen this epoch; only
 if the spares run out too is a batch smaller (if no record at all could be read, the step
 raises: the data is broken, not one record). Every skip is counted by reason in the batch
-(``batch["skipped"]``), so counts made in worker processes reach the main process, which sums
+(``batch.skipped``), so counts made in worker processes reach the main process, which sums
 them into :attr:`MixtureLoader.stats`.
 """
 

@@ -674,7 +674,7 @@ def resolve_paths(args: dict[str, Any]) -> dict[str, Any]:
     args = dict(args)
     store = args.get("storage", ServeSettings.__dataclass_fields__["storage"].default)
     if storage.is_local(store):
-        args["storage"] = str(Path(storage.local_path(store)).resolve())
+        args["storage"] = str(Path(storage.absolute(store)).resolve())
     return args
 
 

@@ -331,12 +331,10 @@ def _write_final_pipeline(cfg: TrainJobConfig, pipe, unet, ema) -> None:
 
 
 def _start_tracker(cfg: TrainJobConfig, rank: int):
-    from ..tracking import start_tracking
+    from ..tracking import start_tracking, tracking_dir
 
-    root = run_dir(cfg)
-    local = storage.local_path(root) if storage.is_local(root) else os.path.join("outputs", "wandb", cfg.run.name)
     return start_tracking(mode=cfg.logger.mode, project=cfg.logger.project, run_name=cfg.run.name,
-                          group=None, config=cfg.to_dict(), dir=os.path.join(local, "tracking"),
+                          group=None, config=cfg.to_dict(), dir=tracking_dir(run_dir(cfg), cfg.run.name),
                           rank=rank, job_type="train", resume_id=f"train-{cfg.run.name}")
 
 

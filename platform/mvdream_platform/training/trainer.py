@@ -53,15 +53,10 @@ def build_trainer(cfg: TrainJobConfig):
 def absolute_local_paths(cfg: TrainJobConfig) -> None:
     """Make local relative paths absolute: Ray workers do not share the driver's cwd."""
 
-    def fix(path: str | None) -> str | None:
-        if not path or not storage.is_local(path):
-            return path
-        return os.path.abspath(storage.local_path(path))
-
-    cfg.data.uri, cfg.data.image_uri = fix(cfg.data.uri), fix(cfg.data.image_uri)
-    cfg.run.storage_path = fix(cfg.run.storage_path)
+    cfg.data.uri, cfg.data.image_uri = storage.absolute(cfg.data.uri), storage.absolute(cfg.data.image_uri)
+    cfg.run.storage_path = storage.absolute(cfg.run.storage_path)
     if cfg.model.path and storage.is_local(cfg.model.path) and os.path.exists(cfg.model.path):
-        cfg.model.path = fix(cfg.model.path)
+        cfg.model.path = storage.absolute(cfg.model.path)
 
 
 def preflight(cfg: TrainJobConfig) -> None:

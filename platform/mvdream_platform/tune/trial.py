@@ -139,7 +139,7 @@ def execute_trial(spec: TrialSpec, sampled: dict[str, Any], trial_id: str,
     from ..pipelines.loading import pick_device
     from ..sds.pipeline import run_text_to_3d
     from ..threads import set_torch_threads
-    from ..tracking import start_tracking
+    from ..tracking import start_tracking, tracking_dir
 
     set_torch_threads(None)  # a Tune trial: exactly the CPUs its resources gave it
     run = trial_run(spec, sampled)
@@ -186,10 +186,10 @@ def execute_trial(spec: TrialSpec, sampled: dict[str, Any], trial_id: str,
             return
         report(values, checkpoint_folder)
 
-    local = storage.local_path(out) if storage.is_local(out) else os.path.join("outputs", "wandb", spec.name, trial_id)
     tracker = start_tracking(
         mode=spec.logger_mode, project=spec.logger_project, run_name=f"{spec.name}-{trial_id}",
-        group=spec.group or spec.name, config={"params": dict(sampled), **run}, dir=os.path.join(local, "tracking"),
+        group=spec.group or spec.name, config={"params": dict(sampled), **run},
+        dir=tracking_dir(out, spec.name, trial_id),
         job_type="tune_trial", resume_id=f"tune-{zlib.crc32(spec.sweep_dir.encode()):08x}-{trial_id}")
     exit_code = 1
     try:
