@@ -90,7 +90,7 @@ def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
     from mvdream_platform.data import render
     from mvdream_platform.evaluation import classify_colour, shaded_palette
     from mvdream_platform.evaluation.text_to_3d import evaluation_orbit, score_views
-    from mvdream_platform.sds.config import sds_config_for
+    from mvdream_platform.sds.config import TextTo3DSettings
     from mvdream_platform.sds.pipeline import run_text_to_3d
 
     def against_subject(run) -> dict:
@@ -102,7 +102,7 @@ def score_text_to_3d(pipe, mesh, prompt: str, steps: int, out: Path) -> dict:
         return score_views(views.albedo, views.opacity, truth, expected)
 
     sds = yaml.safe_load((REPO / "conf" / "sds" / "tiny.yaml").read_text())
-    cfg = sds_config_for({"sds": sds, "steps": steps, "guidance": "mvdream", "guidance_scale": None})
+    cfg = TextTo3DSettings(sds=sds, steps=steps).config()
     result = run_text_to_3d(prompt, pipe, cfg, str(out), seed=0, progress=False, scorer=against_subject)
     scores = result.quality
     return {"iou": scores["mean_iou"], "iou_raw": scores["mean_iou_raw"],

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage
+from mvdream_platform.config import build
 from mvdream_platform.pipelines.loading import ModelConfig
 
 log = logging.getLogger("jobs")
@@ -43,12 +44,7 @@ def expand_model_argv() -> None:
 
 def model_config_from(node: DictConfig) -> ModelConfig:
     """The ``model`` config group as a :class:`ModelConfig` (unknown keys are an error)."""
-    values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
-    known = set(ModelConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
-    return ModelConfig(**values)
+    return build(ModelConfig, OmegaConf.to_container(node, resolve=True, throw_on_missing=True), "model")
 
 
 def warn_unknown_words(model: ModelConfig, prompts: list[str]) -> list[str]:

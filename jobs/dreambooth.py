@@ -27,6 +27,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage
+from mvdream_platform.config import build
 from mvdream_platform.data.dreambooth import (
     PriorConfig,
     SubjectConfig,
@@ -35,7 +36,6 @@ from mvdream_platform.data.dreambooth import (
     mixture_settings,
     prepare_subject,
 )
-from mvdream_platform.sds.config import build_dataclass
 from mvdream_platform.training.config import TrainJobConfig
 from mvdream_platform.training.trainer import run_training
 
@@ -55,14 +55,12 @@ def training_config(cfg: DictConfig, subject_data: dict, prior: PriorConfig) -> 
     job = TrainJobConfig.from_dict({"model": values["model"], "data": data, "trainer": trainer,
                                     "cluster": values["cluster"], "run": values["run"],
                                     "logger": values["logger"], "samples": samples})
-    job.validate()
     return job
 
 
 def run(cfg: DictConfig) -> dict:
-    subject = build_dataclass(SubjectConfig, OmegaConf.to_container(cfg.subject, resolve=True), "subject")
-    subject.validate()
-    prior = build_dataclass(PriorConfig, OmegaConf.to_container(cfg.prior, resolve=True), "prior")
+    subject = build(SubjectConfig, OmegaConf.to_container(cfg.subject, resolve=True), "subject")
+    prior = build(PriorConfig, OmegaConf.to_container(cfg.prior, resolve=True), "prior")
     check_prior(detect_kind(subject)[0], prior)  # a config error now, not after the rendering
     run_folder = storage.join(cfg.run.storage_path, cfg.run.name)
     save_resolved_config(cfg, run_folder)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from mvdream_platform import storage, sweeps
 from mvdream_platform.evaluation.text_to_3d import ProceduralScorer, headline
 from mvdream_platform.pipelines.loading import build_pipeline, pick_device
-from mvdream_platform.sds.config import SDSConfig, sds_config_for
+from mvdream_platform.sds.config import SDSConfig, TextTo3DSettings
 from mvdream_platform.sds.pipeline import TextTo3DResult, run_text_to_3d
 from mvdream_platform.threads import set_torch_threads
 from mvdream_platform.tracking import start_tracking, tracking_dir
@@ -58,13 +58,13 @@ FILES = {
 
 
 def sds_config_from(cfg: DictConfig) -> SDSConfig:
-    return sds_config_for(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    """The job's SDSConfig: its ``sds``, ``steps``, ``guidance`` and ``guidance_scale``."""
+    return TextTo3DSettings.of_run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)).config()
 
 
 def run(cfg: DictConfig) -> TextTo3DResult:
     threads = set_torch_threads(cfg.threads)
     sds = sds_config_from(cfg)
-    sds.validate()
     print(f"text-to-3d: {sds.steps} steps at {sds.cameras.resolution} px on {threads} CPU thread"
           f"{'' if threads == 1 else 's'} (threads=N to change; on a shared machine give each job its own cores)",
           flush=True)

@@ -35,7 +35,6 @@ def run(cfg: DictConfig) -> dict:
     values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     values.pop("hydra", None)
     job = TrainJobConfig.from_dict(values)
-    job.validate()
     save_resolved_config(cfg, storage.join(job.run.storage_path, job.run.name))
     summary = run_training(job)
     log.info("run %s finished: %s; pipeline at %s", job.run.name, summary["metrics"], summary["pipeline"])

@@ -33,9 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mvdream_platform import storage
 from mvdream_platform.pipelines.loading import REPO_ROOT
-from mvdream_platform.sds.config import sds_config_for
 from mvdream_platform.tune.sweep import SweepConfig, run_sweep
-from text_to_3d import sds_config_from
 
 from _common import expand_model_argv, model_config_from
 
@@ -55,9 +53,8 @@ def sweep_config_from(cfg: DictConfig) -> SweepConfig:
     """The composed config -> :class:`SweepConfig` (the trials' base is the text_to_3d part)."""
     values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     run = {key: values[key] for key in RUN_KEYS} | {"sds": values["sds"]}
-    # The trials build their SDSConfig from this dict; it must be what text_to_3d builds.
-    if sds_config_for(run) != sds_config_from(cfg):
-        raise RuntimeError("tune trial settings diverge from jobs/text_to_3d.py's sds_config_from")
+    # The trials build their SDSConfig from this dict through TextTo3DSettings.of_run, as
+    # jobs/text_to_3d.py does from the same keys of the same composed config.
     model = asdict(model_config_from(cfg.model))
     model["path"] = _absolute(model.get("path"), keep_repo_relative=True)
     tune = values["tune"]

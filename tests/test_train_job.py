@@ -131,11 +131,13 @@ def test_bad_training_config_is_rejected_by_name(tmp_path):
 
 
 def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from mvdream_platform.pipelines.loading import ModelConfig
     from mvdream_platform.training.config import DataConfig, RunSettings, TrainJobConfig
     from mvdream_platform.training.trainer import absolute_local_paths
 
     monkeypatch.chdir(tmp_path)
-    cfg = TrainJobConfig(data=DataConfig(uri="data/mv", image_uri="memory://2d"),
+    cfg = TrainJobConfig(model=ModelConfig(source="pipeline", path="checkpoints/tiny"),
+                         data=DataConfig(uri="data/mv", image_uri="memory://2d"),
                          run=RunSettings(storage_path="outputs/runs"))
     absolute_local_paths(cfg)
     assert cfg.data.uri == str(tmp_path / "data" / "mv")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from mvdream_platform.sds.config import sds_config_for
+from mvdream_platform.sds.config import TextTo3DSettings
 from mvdream_platform.tune.objective import ClipScore, ObjectiveConfig, PriorScore
 from mvdream_platform.tune.results import hydra_value
 from mvdream_platform.tune.space import SearchSpace, SpaceError
@@ -112,7 +112,7 @@ def test_best_config_is_a_text_to_3d_job_config(asha_sweep):
     finished = [r for r in _rows(sweep).values() if r["status"] == "TERMINATED"]
     assert float(best["prior_text_gain"]) == max(float(r["prior_text_gain"]) for r in finished)
     record = json.loads((sweep / "trials" / best["trial_id"] / "run.json").read_text())
-    trial_sds = sds_config_for(record["run"])
+    trial_sds = TextTo3DSettings.of_run(record["run"]).config()
     job, common = import_job("text_to_3d"), import_job("_common")
 
     cfg = _compose_best(sweep, [])  # = python jobs/text_to_3d.py --config-dir <sweep> --config-name best

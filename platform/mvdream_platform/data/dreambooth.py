@@ -67,6 +67,9 @@ class SubjectConfig:
     def prompt(self) -> str:
         return self.prompt_template.format(identifier=self.identifier, class_noun=self.class_noun)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if not self.uri:
             raise ValueError("subject.uri is required: a folder, glob or URI of the subject's meshes or images")
@@ -84,6 +87,9 @@ class PriorConfig:
 
     uri: str | None = None  # multi-view renders or text-image shards, with their own captions
     fraction: float = 0.5  # share of training steps on the prior
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.uri and not 0.0 < self.fraction < 1.0:
@@ -106,7 +112,6 @@ def check_prior(subject_kind: str, prior: PriorConfig) -> str | None:
     """The prior's kind (None without a prior), after checking that it can share the 3D/2D
     mixture with a subject of ``subject_kind``: it must be the other kind. Cheap, so the job
     calls it before rendering the subject."""
-    prior.validate()
     if not prior.uri:
         return None
     prior_kind = detect_prior_kind(prior.uri)
@@ -189,7 +194,6 @@ def prepare_subject(subject: SubjectConfig, out_uri: str, resolution: int, worke
     """Write the subject's training data under ``out_uri``; returns ``{"kind", "uri",
     "prompt", "records", "files"}``. A finished preparation with the same inputs is reused
     (its folder name hashes them), so a resumed run trains on identical data."""
-    subject.validate()
     kind, files = detect_kind(subject)
     key = json.dumps({"files": files, **asdict(subject), "resolution": resolution}, sort_keys=True)
     folder = storage.join(out_uri, f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")

@@ -75,6 +75,9 @@ class ModelConfig:
     # never read; None (real weights, open text) checks nothing.
     vocabulary: str | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"model.source must be one of {SOURCES}, got {self.source!r}")
@@ -107,7 +110,6 @@ def build_pipeline(config: ModelConfig, device: str | torch.device = "cpu", seed
 
     ``seed`` fixes the random initialisation of ``init`` models (same seed, same weights).
     """
-    config.validate()
     if config.source == "pipeline":
         pipe = MVDreamPipeline.from_pretrained(resolve_model_dir(config.path))
     elif config.source == "sd":

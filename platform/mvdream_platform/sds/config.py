@@ -6,10 +6,12 @@ paper's (MVDream-threestudio) numbers for SD-sized models on a GPU.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, is_dataclass
+import copy
+from dataclasses import asdict, dataclass
 from dataclasses import field as dc_field  # SDSConfig has a member named `field`
 from typing import Any
 
+from ..config import build
 from .field import FieldConfig
 from .guidance import GuidanceConfig
 from .render import RenderConfig
@@ -45,6 +47,9 @@ class CameraConfig:
                 resolution, groups = int(res), int(grp)
         return resolution, groups
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.groups < 1 or self.views < 1 or self.resolution < 8:
             raise ValueError(f"sds.cameras: groups and views must be >= 1 and resolution >= 8, got "
@@ -76,6 +81,9 @@ class OptimConfig:
             return self.orient_end
         frac = min(max(step / self.orient_end_step, 0.0), 1.0)
         return self.orient_start + frac * (self.orient_end - self.orient_start)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         for name in ("lr_encoding", "lr_mlp", "lr_background"):
@@ -123,8 +131,6 @@ class SDSConfig:
     def scheduled(self) -> SDSConfig:
         """This config with its step-counted schedules stretched to ``steps`` (a copy; itself
         when ``schedule_steps`` is None or equals ``steps``)."""
-        import copy
-
         if self.schedule_steps is None or self.schedule_steps == self.steps:
             return self
         ratio = self.steps / self.schedule_steps
@@ -137,6 +143,9 @@ class SDSConfig:
         out.schedule_steps = self.steps
         return out
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
@@ -147,50 +156,46 @@ class SDSConfig:
             raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {self.guidance_kind!r}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.render_every < 1:
             raise ValueError("checkpoint_every, log_every and render_every must be >= 1")
-        for part in (self.cameras, self.optim, self.guidance):
-            if hasattr(part, "validate"):
-                part.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SDSConfig:
-        """Build from nested dicts (Hydra's resolved config), naming any unknown key."""
-        return build_dataclass(cls, values, "sds")
+        """Build from nested dicts (Hydra's resolved config) through the one door."""
+        return build(cls, values, "sds")
 
 
-def sds_config_for(run: dict[str, Any]) -> SDSConfig:
-    """The SDSConfig of a job-shaped dict (jobs/text_to_3d.py's resolved config, a Tune trial's
-    settings): its ``sds`` section plus the top-level ``steps``, ``guidance`` and
-    ``guidance_scale`` (null keeps ``sds.guidance.guidance_scale``)."""
-    import copy
+@dataclass
+class TextTo3DSettings:
+    """What a text-to-3D run is asked for besides its prompt, seed and model: the one shape in
+    which the job (``jobs/text_to_3d.py``), Serve's worker and a Tune trial all hand their
+    configuration over. :meth:`config` is its :class:`SDSConfig`, built through the one door.
 
-    values = copy.deepcopy(dict(run["sds"]))
-    values["steps"] = run["steps"]
-    values["guidance_kind"] = run["guidance"]
-    if run.get("guidance_scale") is not None:
-        values.setdefault("guidance", {})["guidance_scale"] = run["guidance_scale"]
-    return SDSConfig.from_dict(values)
+    Attributes:
+        sds: the ``sds`` section (nested dicts, as in ``conf/sds/``).
+        steps: the run's length (overrides ``sds.steps``).
+        guidance_kind: ``mvdream`` (multi-view SDS) or ``dreamfusion`` (the 2D baseline).
+        guidance_scale: the CFG scale, or None to keep ``sds.guidance.guidance_scale``.
+    """
 
+    sds: dict[str, Any] = dc_field(default_factory=dict)
+    steps: int = SDSConfig.steps
+    guidance_kind: str = "mvdream"
+    guidance_scale: float | None = None
 
-def build_dataclass(kind, values: dict[str, Any] | None, where: str):
-    """``kind(**values)`` with nested dataclasses built from nested dicts and YAML lists turned
-    into tuples where the default is one; an unknown key is an error naming ``where``."""
-    values = dict(values or {})
-    known = {f.name: f for f in fields(kind)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {where} keys {unknown}; allowed: {sorted(known)}")
-    built = {}
-    for name, value in values.items():
-        default = kind.__dataclass_fields__[name].default_factory if callable(
-            kind.__dataclass_fields__[name].default_factory) else None
-        sub = default() if default is not None else None
-        if sub is not None and is_dataclass(sub) and isinstance(value, dict):
-            built[name] = build_dataclass(type(sub), value, f"{where}.{name}")
-        elif isinstance(value, list) and isinstance(getattr(kind, name, None), tuple):
-            built[name] = tuple(value)
-        else:
-            built[name] = value
-    return kind(**built)
+    @classmethod
+    def of_run(cls, run: dict[str, Any]) -> TextTo3DSettings:
+        """From a job-shaped mapping: ``sds``, ``steps``, ``guidance`` (the kind) and
+        ``guidance_scale`` (jobs/text_to_3d.py's resolved config, a Tune trial's run)."""
+        return cls(sds=copy.deepcopy(dict(run.get("sds") or {})), steps=run["steps"],
+                   guidance_kind=run.get("guidance", "mvdream"),
+                   guidance_scale=run.get("guidance_scale"))
+
+    def config(self) -> SDSConfig:
+        values = copy.deepcopy(self.sds)
+        values["steps"] = self.steps
+        values["guidance_kind"] = self.guidance_kind
+        if self.guidance_scale is not None:
+            values.setdefault("guidance", {})["guidance_scale"] = self.guidance_scale
+        return SDSConfig.from_dict(values)

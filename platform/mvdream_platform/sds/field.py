@@ -79,6 +79,9 @@ class FieldConfig:
         values.update(overrides)
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         if not self.radius > 0:
@@ -189,7 +192,6 @@ class NeRFField(nn.Module):
     def __init__(self, config: FieldConfig | None = None):
         super().__init__()
         config = FieldConfig() if config is None else config
-        config.validate()
         self.config = config
         self.encoding = HashGridEncoding(
             n_levels=config.n_levels, n_features_per_level=config.n_features_per_level,

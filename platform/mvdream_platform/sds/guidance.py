@@ -360,7 +360,6 @@ class _ScoreDistillation:
 
     def __init__(self, pipe, config: GuidanceConfig | None = None):
         self.config = config if config is not None else GuidanceConfig()
-        self.config.validate()
         self.unet = pipe.unet
         self.text_encoder = pipe.text_encoder
         self.codec = pipe.codec

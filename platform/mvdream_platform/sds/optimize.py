@@ -110,7 +110,6 @@ def optimise(scene: Scene, pipe, prompt: str, cfg: SDSConfig, out: str, *, seed:
     """
     from tqdm import tqdm
 
-    cfg.validate()
     cfg = cfg.scheduled()  # step-counted schedules stretched to this run's length
     device = next(scene.field.parameters()).device
     guidance_cls = MultiViewGuidance if cfg.guidance_kind == "mvdream" else DreamFusionGuidance

@@ -157,7 +157,6 @@ def run_text_to_3d(prompt: str, pipe, cfg: SDSConfig, out: str, *, seed: int = 0
     """
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
-    cfg.validate()
     began = time.perf_counter()
     scene = build_scene(cfg, seed=seed, device=device)
     run = optimise(scene, pipe, prompt, cfg, out, seed=seed, tracker=tracker, progress=progress,

@@ -90,6 +90,9 @@ class RenderConfig:
         """The CPU path's widest bin (the diameter's chord / num_samples_per_ray)."""
         return 2.0 * self.radius / self.num_samples_per_ray
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         if not self.radius > 0:
@@ -215,7 +218,6 @@ class VolumeRenderer(nn.Module):
                  config: RenderConfig | None = None):
         super().__init__()
         config = RenderConfig() if config is None else config
-        config.validate()
         field_radius = getattr(getattr(field, "config", None), "radius", config.radius)
         if field_radius != config.radius:
             raise ValueError(f"RenderConfig.radius ({config.radius}) must equal the field's "

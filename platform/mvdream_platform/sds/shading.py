@@ -86,6 +86,9 @@ class ShadingConfig:
     light_position_perturb: float = 1.0
     light_elevation_range_deg: tuple[float, float] = (30.0, 90.0)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         for name in ("diffuse_prob", "textureless_prob"):
@@ -215,7 +218,6 @@ def sample_shading(config: ShadingConfig, step: int, camera_positions: torch.Ten
         Shading with light_positions (N, 3) on camera_positions' device (drawn even in
         albedo steps, where they are unused).
     """
-    config.validate()
     if camera_positions.ndim != 2 or camera_positions.shape[-1] != 3:
         raise ValueError(f"camera_positions must have shape (N, 3), got "
                          f"{tuple(camera_positions.shape)}")

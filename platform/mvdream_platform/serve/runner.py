@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import storage
 from ..sds.checkpoint import read_latest
-from ..sds.config import SDSConfig, sds_config_for
+from ..sds.config import SDSConfig, TextTo3DSettings
 from ..sds.optimize import CHECKPOINTS
 from ..sds.pipeline import run_text_to_3d
 from .settings import ServeSettings
@@ -52,9 +52,9 @@ def job_sds_config(settings: ServeSettings, options: dict[str, Any]) -> SDSConfi
         guidance["negative_prompt"] = options["negative_prompt"]
     if options.get("cfg_rescale") is not None:
         guidance["recon_std_rescale"] = options["cfg_rescale"]
-    return sds_config_for({"sds": sds, "steps": options.get("steps") or settings.default_sds_steps,
-                           "guidance": options.get("guidance", "mvdream"),
-                           "guidance_scale": options.get("guidance_scale")})
+    return TextTo3DSettings(sds=sds, steps=options.get("steps") or settings.default_sds_steps,
+                            guidance_kind=options.get("guidance", "mvdream"),
+                            guidance_scale=options.get("guidance_scale")).config()
 
 
 def lease_is_live(lease: dict[str, Any] | None, timeout_s: float,
@@ -150,7 +150,6 @@ def run_job(store: JobStore, job_id: str, pipe, settings: ServeSettings, *, owne
     request = store.request(job_id)
     try:
         cfg = job_sds_config(settings, request["options"])
-        cfg.validate()
     except (ValueError, TypeError) as error:
         return {"status": "failed", "attempt": attempt - 1,
                 "error": "bad job options: " + public_error(error, store.root, with_type=False)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..sds.config import build_dataclass
+from ..config import build
 
 RESPONSE_FORMATS = ("base64", "url")
 GUIDANCE_KINDS = ("mvdream", "dreamfusion")
@@ -161,6 +161,9 @@ class ServeSettings:
     generator: GeneratorSettings = field(default_factory=GeneratorSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if not self.storage:
             raise ValueError("serve.storage must be a path or URI")
@@ -191,6 +194,4 @@ class ServeSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeSettings:
-        settings = build_dataclass(cls, values, "serve")
-        settings.validate()
-        return settings
+        return build(cls, values, "serve")

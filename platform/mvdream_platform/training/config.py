@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..config import build
 from ..diffusion import PREDICTION_TYPES
 from ..pipelines.loading import ModelConfig
 from .optim import LR_SCHEDULES
@@ -28,6 +29,9 @@ class DataConfig:
     multiview_batch: int = 8  # objects per multi-view step, per worker
     image_batch: int = 32  # images per 2D step, per worker
     num_workers: int = 2  # DataLoader processes per training worker
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if not self.uri and not self.image_uri:
@@ -65,6 +69,9 @@ class TrainerConfig:
     preservation_weight: float = 0.0
     preservation_distance: str = "l1"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.max_steps < 1:
             raise ValueError(f"trainer.max_steps must be >= 1, got {self.max_steps}")
@@ -101,6 +108,9 @@ class ClusterConfig:
     torch_threads: int = 1  # per worker: oversubscribed OpenMP threads crawl on small machines
     placement_strategy: str = "PACK"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"cluster.num_workers must be >= 0 (0 = in-process), got {self.num_workers}")
@@ -123,6 +133,9 @@ class LoggerConfig:
     mode: str = "offline"
     project: str = "mvdream-platform"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.mode not in LOGGER_MODES:
             raise ValueError(f"logger.mode must be one of {LOGGER_MODES}, got {self.mode!r}")
@@ -130,8 +143,9 @@ class LoggerConfig:
 
 @dataclass
 class TrainJobConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # model and data have no defaults: neither has a valid one (a source, a data folder)
+    model: ModelConfig
+    data: DataConfig
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunSettings = field(default_factory=RunSettings)
@@ -141,28 +155,10 @@ class TrainJobConfig:
     # that a run survives losing a worker. Never set in real runs.
     crash_at_step: int | None = None
 
-    def validate(self) -> None:
-        self.model.validate()
-        for part in (self.data, self.trainer, self.cluster, self.logger, self.samples):
-            part.validate()
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainJobConfig:
-        """Build from nested dicts, naming any unknown key."""
-        parts = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig,
-                 "cluster": ClusterConfig, "run": RunSettings, "logger": LoggerConfig,
-                 "samples": SampleConfig}
-        unknown = sorted(set(values) - set(parts) - {"crash_at_step"})
-        if unknown:
-            raise ValueError(f"unknown training config sections {unknown}; allowed: {sorted(parts)}")
-        built = {}
-        for name, kind in parts.items():
-            given = dict(values.get(name) or {})
-            extra = sorted(set(given) - set(kind.__dataclass_fields__))
-            if extra:
-                raise ValueError(f"unknown {name} config keys {extra}; allowed: {sorted(kind.__dataclass_fields__)}")
-            built[name] = kind(**given)
-        return cls(**built, crash_at_step=values.get("crash_at_step"))
+        """Build from nested dicts (the job's resolved config) through the one door."""
+        return build(cls, values, "train")

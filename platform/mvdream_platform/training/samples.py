@@ -33,6 +33,9 @@ class SampleConfig:
     guidance_scale: float | None = None  # None: the model config's recommendation
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.every < 0:
             raise ValueError(f"samples.every must be >= 0 (0 = off), got {self.every}")

@@ -75,8 +75,7 @@ def preflight(cfg: TrainJobConfig) -> None:
 
 
 def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
-    """Validate, check the inputs, start (or join) Ray, train, and return a summary of the run."""
-    cfg.validate()
+    """Check the inputs, start (or join) Ray, train, and return a summary of the run."""
     absolute_local_paths(cfg)
     preflight(cfg)
     ensure_ray(num_cpus=None)

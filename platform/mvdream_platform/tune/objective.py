@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..cameras import orbit_groups
+from ..config import build
 from ..sds.checkpoint import load_checkpoint, read_latest
 from ..sds.config import SDSConfig
 from ..sds.guidance import GuidanceConfig, MultiViewGuidance, camera_condition
@@ -97,6 +98,9 @@ class ObjectiveConfig:
     clip_model: str | None = None
     clip_resolution: int = 64
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @property
     def mode(self) -> str:
         return metric_mode(self.metric)
@@ -118,14 +122,7 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> ObjectiveConfig:
-        values = dict(values or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown tune.objective keys {unknown}; allowed: {sorted(known)}")
-        config = cls(**values)
-        config.timesteps = [float(t) for t in config.timesteps]
-        return config
+        return build(cls, values, "tune.objective")
 
 
 class PriorScore:
@@ -142,7 +139,6 @@ class PriorScore:
 
     def __init__(self, pipe, sds: SDSConfig, prompt: str, config: ObjectiveConfig, seed: int = 0,
                  device: torch.device | str = "cpu"):
-        config.validate()
         self.sds, self.prompt, self.config = sds, prompt, config
         # The plain prior: empty unconditional prompt, no CFG mixing (scale only switches the
         # unconditional branch on), the trial's camera conditioning (a model property).

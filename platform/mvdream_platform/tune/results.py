@@ -28,7 +28,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .. import storage
-from ..sds.config import sds_config_for
+from ..sds.config import TextTo3DSettings
 from ..sweeps import markdown_cell
 from .trial import RUN_RECORD, TRIALS
 
@@ -203,7 +203,7 @@ def job_config(run: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
     conf/text_to_3d.yaml's defaults gives exactly the trial's run."""
     from ..pipelines.loading import ModelConfig
 
-    sds = sds_config_for(run).to_dict()
+    sds = TextTo3DSettings.of_run(run).config().to_dict()
     steps, kind = sds.pop("steps"), sds.pop("guidance_kind")
     return _plain({"prompt": run["prompt"], "seed": run["seed"], "steps": steps, "guidance": kind,
                    "guidance_scale": sds["guidance"]["guidance_scale"], "device": run.get("device", "auto"),

@@ -29,10 +29,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import storage
+from ..config import build
+from ..sds.config import TextTo3DSettings
 from .objective import ObjectiveConfig
 from .results import collect_rows, summarise, write_best, write_table
 from .space import SearchSpace, SpaceError
-from .trial import TrialSpec, run_trial, sds_config_for
+from .trial import TrialSpec, run_trial
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,9 @@ class SweepConfig:
     keep_checkpoints: int = 1
     verbose: int = 1
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @property
     def sweep_dir(self) -> str:
         return storage.join(self.storage_path, self.name)
@@ -143,7 +148,6 @@ class SweepConfig:
             raise ValueError(f"name must be a non-empty folder name (no '/'), got {self.name!r}")
         if storage.is_local(self.storage_path) and not os.path.isabs(storage.local_path(self.storage_path)):
             raise ValueError(f"storage_path must be absolute (Ray workers have other cwds), got {self.storage_path!r}")
-        self.objective.validate()
         s, q, r = self.scheduler, self.search, self.resources
         if s.kind not in SCHEDULERS:
             raise ValueError(f"tune.scheduler.kind must be one of {SCHEDULERS}, got {s.kind!r}")
@@ -166,8 +170,7 @@ class SweepConfig:
         # The base run must be valid on its own (a bad base would fail every trial).
         if not (self.space.prompts or self.run.get("prompt")):
             raise SpaceError("tune.prompts is empty and prompt= is not set")
-        sds = sds_config_for(self.run)
-        sds.validate()
+        sds = TextTo3DSettings.of_run(self.run).config()
         self.space.check_annealing(self.run.get("sds", {}).get("guidance"))
         # Report points must line up: scores are taken from committed checkpoints, which the
         # run hands over on logged steps; ASHA must decide on fresh scores.
@@ -205,15 +208,7 @@ class SweepConfig:
 
 
 def _section(kind):
-    def make(values: dict[str, Any]):
-        known = set(kind.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown tune.{kind.__name__.removesuffix('Config').lower()} keys "
-                             f"{unknown}; allowed: {sorted(known)}")
-        return kind(**values)
-
-    return make
+    return lambda values: build(kind, values, f"tune.{kind.__name__.removesuffix('Config').lower()}")
 
 
 def _require_optuna() -> None:
@@ -316,7 +311,6 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; returns the summary (also written to summary.json)."""
     from ..training.trainer import ensure_ray
 
-    config.validate()
     ensure_ray(num_cpus=None)
     _check_same_sweep(config)
     began = time.perf_counter()

@@ -35,7 +35,7 @@ import torch
 
 from .. import storage
 from ..sds.checkpoint import read_latest
-from ..sds.config import sds_config_for
+from ..sds.config import TextTo3DSettings
 from ..sds.optimize import CHECKPOINTS
 from .objective import ClipScore, ObjectiveConfig, PriorScore
 from .space import SearchSpace, apply_overrides
@@ -143,8 +143,7 @@ def execute_trial(spec: TrialSpec, sampled: dict[str, Any], trial_id: str,
 
     set_torch_threads(None)  # a Tune trial: exactly the CPUs its resources gave it
     run = trial_run(spec, sampled)
-    sds = sds_config_for(run)  # a bad value raises here: the trial errors, the sweep goes on
-    sds.validate()
+    sds = TextTo3DSettings.of_run(run).config()  # a bad value raises here: the trial errors, the sweep goes on
     out = trial_dir(spec.sweep_dir, trial_id)
     folder = storage.join(out, CHECKPOINTS)
     storage.write_json(storage.join(out, RUN_RECORD),
