@@ -71,6 +71,9 @@ class RenderSettings:
     # (None = the grammar's default, ``shapes.DEFAULT_P_FRONT``).
     front_share: float | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         p_front_for(self.front_share)
         if self.views < 1:
@@ -313,7 +316,6 @@ def prepare_multiview(specs: list[ObjectSpec], out_uri: str, settings: RenderSet
             task per object on the current cluster; a local one is started if none is running).
         workers: parallel workers for ``process``/``ray`` (0 = number of CPUs).
     """
-    settings.validate()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     start = time.perf_counter()

@@ -69,6 +69,9 @@ class ConsistencySettings:
     marker_min_share: float = 0.05  # marker visible: >= this share of object pixels
     bootstrap: int = 2000
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
@@ -367,7 +370,6 @@ def run_consistency(pipe, settings: ConsistencySettings, progress: bool = True
                     ) -> tuple[ConsistencyReport, dict[str, np.ndarray]]:
     """Sample and score every kind in both arms; returns the report and, per kind and arm, a
     (N*H, F*W, 3) uint8 grid of the first 16 sets (one set per row)."""
-    settings.validate()
     resolution = settings.resolution or pipe.default_size
     kinds, grids = {}, {}
     for k, kind in enumerate(settings.kinds):
