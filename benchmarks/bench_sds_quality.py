@@ -2,8 +2,8 @@
 
 For single-primitive prompts of the procedural vocabulary, runs the real text-to-3D code
 (``mvdream_platform.sds.pipeline.run_text_to_3d``, conf/sds/tiny.yaml) with the shipped tiny
-model twice per prompt and seed, same budget: ``guidance=mvdream`` (4 views 90 degrees apart
-through the model's 3D attention and camera conditioning) and ``guidance=dreamfusion`` (the
+model twice per prompt and seed, same budget: ``guidance_kind=mvdream`` (4 views 90 degrees apart
+through the model's 3D attention and camera conditioning) and ``guidance_kind=dreamfusion`` (the
 same model one view at a time, 2D attention, no camera, view-dependent prompt suffixes). Each
 NeRF is scored by the procedural scorer the job uses
 (:class:`mvdream_platform.evaluation.text_to_3d.ProceduralScorer`, injected into the run): at 8

@@ -6,8 +6,6 @@ Lives beside the jobs (not in the library) because it is the only code that touc
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,30 +14,6 @@ from mvdream_platform.config import build
 from mvdream_platform.pipelines.loading import ModelConfig
 
 log = logging.getLogger("jobs")
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "model"
-
-
-def expand_model_overrides(overrides: list[str]) -> list[str]:
-    """Let ``model=`` name a pipeline folder as well as a conf/model/ config.
-
-    Hydra reads ``model=X`` as "the config group option X", so ``model=outputs/runs/r/pipeline``
-    or ``model=s3://bucket/model`` would fail to compose. Any ``model=X`` where X is not a
-    conf/model/ name becomes ``model=trained model.path=X`` (a saved MVDreamPipeline).
-    """
-    names = {p.stem for p in MODEL_CONFIGS.glob("*.yaml")}
-    out = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep and key == "model" and value and value not in names:
-            out += ["model=trained", f"model.path={value}"]
-        else:
-            out.append(item)
-    return out
-
-
-def expand_model_argv() -> None:
-    """Apply :func:`expand_model_overrides` to this process's command line (before Hydra)."""
-    sys.argv[1:] = expand_model_overrides(sys.argv[1:])
 
 
 def model_config_from(node: DictConfig) -> ModelConfig:

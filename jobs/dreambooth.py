@@ -2,9 +2,9 @@
 
     python jobs/dreambooth.py subject.uri=../shared/data/meshes/Duck.glb subject.class_noun=toy
     python jobs/dreambooth.py subject.uri=s3://bucket/my_dog/ subject.kind=images \
-        model=/models/mvdream-sd21 cluster=single_gpu data.resolution=256
-    python jobs/generate.py model=outputs/dreambooth/dreambooth-sks/pipeline prompt="a sks toy"
-    python jobs/text_to_3d.py model=outputs/dreambooth/dreambooth-sks/pipeline prompt="a sks toy"
+        model=mvdream_official model.path=/models/mvdream-sd21 cluster=single_gpu data.resolution=256
+    python jobs/generate.py model=trained model.path=outputs/dreambooth/dreambooth-sks/pipeline prompt="a sks toy"
+    python jobs/text_to_3d.py model=trained model.path=outputs/dreambooth/dreambooth-sks/pipeline prompt="a sks toy"
 
 The subject's meshes are rendered into a multi-view set with cameras (or its images become
 2D text-image shards), all captioned with the identifier prompt; then the ordinary Ray Train
@@ -39,7 +39,7 @@ from mvdream_platform.data.dreambooth import (
 from mvdream_platform.training.config import TrainJobConfig
 from mvdream_platform.training.trainer import run_training
 
-from _common import expand_model_argv, save_resolved_config
+from _common import save_resolved_config
 
 log = logging.getLogger("dreambooth")
 
@@ -84,5 +84,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    expand_model_argv()
     main()

@@ -25,7 +25,7 @@ from mvdream_platform.evaluation import EvalSettings, evaluate
 from mvdream_platform.evaluation.consistency import ConsistencySettings, run_consistency
 from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 
-from _common import expand_model_argv, model_config_from, save_resolved_config
+from _common import model_config_from, save_resolved_config
 
 log = logging.getLogger("evaluate")
 
@@ -63,5 +63,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    expand_model_argv()
     main()

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from mvdream_platform.generation import GenerationRequest, generate, write_generation
 from mvdream_platform.pipelines.loading import build_pipeline, pick_device
 
-from _common import expand_model_argv, model_config_from, save_resolved_config, warn_unknown_words
+from _common import model_config_from, save_resolved_config, warn_unknown_words
 
 log = logging.getLogger("generate")
 
@@ -54,5 +54,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    expand_model_argv()
     main()

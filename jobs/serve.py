@@ -1,7 +1,7 @@
 """Host the model over HTTP with Ray Serve: text-to-multi-view and batch text-to-3D.
 
     python jobs/serve.py                                   # local cluster, embedded default, :8000
-    python jobs/serve.py model=outputs/runs/r/pipeline storage=s3://bucket/serve http.port=8010
+    python jobs/serve.py model=trained model.path=outputs/runs/r/pipeline storage=s3://bucket/serve http.port=8010
     ray job submit --working-dir . -- python jobs/serve.py  # on an existing cluster
     python jobs/serve.py export_config=conf/serve/local.yaml  # for `serve run` / `serve deploy`
     python jobs/serve.py export_openapi=docs/openapi.json
@@ -28,8 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from mvdream_platform.serve.app import build_app, configured_token, openapi_document, resolve_paths
 from mvdream_platform.serve.app import check_exposure as exposure_check
 from mvdream_platform.serve.settings import ServeSettings
-
-from _common import expand_model_argv
 
 log = logging.getLogger("serve")
 APP_KEYS = tuple(ServeSettings.__dataclass_fields__)
@@ -101,5 +99,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    expand_model_argv()
     main()

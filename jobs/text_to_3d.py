@@ -1,8 +1,8 @@
 """Text-to-3D by multi-view score distillation into a NeRF (paper §3.2).
 
     python jobs/text_to_3d.py prompt="a red cube" steps=400 seed=0 model=tiny out=outputs/red_cube
-    python jobs/text_to_3d.py prompt="a red cube" guidance=dreamfusion ...   # the 2D baseline
-    python jobs/text_to_3d.py sds=reference model=/models/mvdream-sd21 prompt="an astronaut riding a horse"
+    python jobs/text_to_3d.py prompt="a red cube" guidance_kind=dreamfusion ...   # the 2D baseline
+    python jobs/text_to_3d.py sds=reference model=mvdream_official model.path=/models/mvdream-sd21 prompt="an astronaut riding a horse"
     python jobs/text_to_3d.py -m seed=0,1 hydra/launcher=ray_tasks   # a sweep: mvdream_platform.sweeps
 
 ``model`` is a name from conf/model/ (tiny, sd21_base, ...) or an MVDreamPipeline folder
@@ -36,7 +36,7 @@ from mvdream_platform.sds.pipeline import TextTo3DResult, run_text_to_3d
 from mvdream_platform.threads import set_torch_threads
 from mvdream_platform.tracking import start_tracking, tracking_dir
 
-from _common import expand_model_argv, model_config_from, save_resolved_config, warn_unknown_words
+from _common import model_config_from, save_resolved_config, warn_unknown_words
 
 log = logging.getLogger("text_to_3d")
 
@@ -130,5 +130,4 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
-    expand_model_argv()
     main()

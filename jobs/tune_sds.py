@@ -1,7 +1,7 @@
 """Ray Tune sweep of text-to-3D hyper-parameters: each trial is one jobs/text_to_3d.py run.
 
     python jobs/tune_sds.py name=first-sweep                       # embedded default, local Ray
-    python jobs/tune_sds.py tune=reference sds=reference model=/models/mvdream-sd21 steps=10000 \
+    python jobs/tune_sds.py tune=reference sds=reference model=mvdream_official model.path=/models/mvdream-sd21 steps=10000 \
         name=sd21 storage_path=s3://bucket/sweeps                 # GPUs: one per trial
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env-json '{"excludes": ["/.venv", "/data", "/outputs", "/wandb", "/.git"]}' \
@@ -35,11 +35,11 @@ from mvdream_platform import storage
 from mvdream_platform.pipelines.loading import REPO_ROOT
 from mvdream_platform.tune.sweep import SweepConfig, run_sweep
 
-from _common import expand_model_argv, model_config_from
+from _common import model_config_from
 
 log = logging.getLogger("tune_sds")
 
-RUN_KEYS = ("prompt", "seed", "steps", "guidance", "guidance_scale", "device")
+RUN_KEYS = ("prompt", "seed", "steps", "guidance_kind", "guidance_scale", "device")
 
 
 def _absolute(path: str | None, keep_repo_relative: bool = False) -> str | None:
@@ -89,5 +89,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    expand_model_argv()
     main()

@@ -12,7 +12,7 @@ import torch
 import trimesh
 from safetensors.torch import load_file
 
-from jobs_helpers import compose, import_job
+from jobs_helpers import compose, import_job, run_job
 
 # A few steps of the real job at toy sizes (16 px renders, 16 samples per ray, small grid).
 FAST = [
@@ -150,19 +150,22 @@ def test_the_job_sets_torch_threads_and_says_so(tmp_path, capsys):
 
 
 def test_dreamfusion_baseline_runs_the_same_job(tmp_path):
-    record = _run(tmp_path, "df", "guidance=dreamfusion", "steps=2")
+    record = _run(tmp_path, "df", "guidance_kind=dreamfusion", "steps=2")
     assert record.guidance == "dreamfusion" and record.final["step"] == 2
 
 
-def test_model_may_be_a_config_name_or_a_pipeline_folder(tmp_path):
-    common = import_job("_common")
-    assert common.expand_model_overrides(["model=tiny", "steps=3"]) == ["model=tiny", "steps=3"]
+def test_any_pipeline_folder_runs_through_the_trained_model_group(tmp_path):
     folder = str(Path(__file__).resolve().parents[1] / "checkpoints" / "tiny")
-    expanded = common.expand_model_overrides([f"model={folder}"])
-    assert expanded == ["model=trained", f"model.path={folder}"]
-    record = import_job("text_to_3d").run(compose("text_to_3d", [o for o in FAST if o != "model=tiny"]
-                                                  + expanded + [f"out={tmp_path / 'p'}", "steps=1"]))
+    overrides = [o for o in FAST if o != "model=tiny"] + ["model=trained", f"model.path={folder}"]
+    record = import_job("text_to_3d").run(compose("text_to_3d", overrides + [f"out={tmp_path / 'p'}", "steps=1"]))
     assert record.final["step"] == 1
+
+
+def test_a_path_given_as_the_model_group_fails_with_hydras_list_of_models():
+    # no command-line rewriting: model= names a conf/model/ option; folders go in model.path=
+    result = run_job("generate.py", "model=checkpoints/tiny", "steps=1")
+    assert result.returncode != 0
+    assert "Could not find 'model/checkpoints/tiny'" in result.stderr and "trained" in result.stderr
 
 
 def test_bad_input_is_rejected_by_name(tmp_path):
@@ -170,7 +173,7 @@ def test_bad_input_is_rejected_by_name(tmp_path):
     with pytest.raises(ValueError, match="prompt"):
         _run(tmp_path, "empty", 'prompt=""', "steps=1")
     with pytest.raises(ValueError, match="guidance"):
-        _run(tmp_path, "g", "guidance=sdxl", "steps=1")
+        _run(tmp_path, "g", "guidance_kind=sdxl", "steps=1")
     with pytest.raises(ValueError, match="guidance_scale"):
         _run(tmp_path, "s", "guidance_scale=-1", "steps=1")
     with pytest.raises(ValueError, match=r"sds.cameras.*bogus|bogus"):

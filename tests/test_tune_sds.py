@@ -227,7 +227,7 @@ def test_search_space_yaml_becomes_tune_domains():
     ({"guidance_scale": [1.0, 2.0]}, r"bare list is ambiguous"),
     ({"seed": {"type": "uniform", "low": 0, "high": 3}}, r"seeds are integers"),
     ({"negative_prompt": {"type": "choice", "values": ["none", "nope"]}}, r"unknown negative-prompt sets \['nope'\]"),
-    ({"guidance": {"type": "choice", "values": ["sdxl"]}}, r"guidance values"),
+    ({"guidance_kind": {"type": "choice", "values": ["sdxl"]}}, r"guidance_kind values"),
 ])
 def test_bad_search_spaces_are_rejected_by_entry(params, message):
     with pytest.raises(SpaceError, match=message):

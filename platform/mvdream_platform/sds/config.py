@@ -153,7 +153,7 @@ class SDSConfig:
                 self.schedule_steps, int) or self.schedule_steps < 1):
             raise ValueError(f"sds.schedule_steps must be null or an integer >= 1, got {self.schedule_steps!r}")
         if self.guidance_kind not in GUIDANCE_KINDS:
-            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {self.guidance_kind!r}")
+            raise ValueError(f"guidance_kind must be one of {GUIDANCE_KINDS}, got {self.guidance_kind!r}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.render_every < 1:
             raise ValueError("checkpoint_every, log_every and render_every must be >= 1")
 
@@ -186,10 +186,10 @@ class TextTo3DSettings:
 
     @classmethod
     def of_run(cls, run: dict[str, Any]) -> TextTo3DSettings:
-        """From a job-shaped mapping: ``sds``, ``steps``, ``guidance`` (the kind) and
+        """From a job-shaped mapping: ``sds``, ``steps``, ``guidance_kind`` and
         ``guidance_scale`` (jobs/text_to_3d.py's resolved config, a Tune trial's run)."""
         return cls(sds=copy.deepcopy(dict(run.get("sds") or {})), steps=run["steps"],
-                   guidance_kind=run.get("guidance", "mvdream"),
+                   guidance_kind=run.get("guidance_kind", "mvdream"),
                    guidance_scale=run.get("guidance_scale"))
 
     def config(self) -> SDSConfig:

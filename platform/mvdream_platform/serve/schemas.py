@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
 
-from .settings import GUIDANCE_KINDS, RESPONSE_FORMATS, Limits
+from ..sds.config import GUIDANCE_KINDS
+from .settings import RESPONSE_FORMATS, Limits
 
 # An unknown (e.g. misspelt) field is an error, not ignored; numbers must be JSON numbers
 # ("5" and true are refused; an integer is fine where a float is asked for).

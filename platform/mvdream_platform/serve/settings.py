@@ -10,7 +10,6 @@ from typing import Any
 from ..config import build
 
 RESPONSE_FORMATS = ("base64", "url")
-GUIDANCE_KINDS = ("mvdream", "dreamfusion")
 
 
 @dataclass

@@ -205,7 +205,7 @@ def job_config(run: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
 
     sds = TextTo3DSettings.of_run(run).config().to_dict()
     steps, kind = sds.pop("steps"), sds.pop("guidance_kind")
-    return _plain({"prompt": run["prompt"], "seed": run["seed"], "steps": steps, "guidance": kind,
+    return _plain({"prompt": run["prompt"], "seed": run["seed"], "steps": steps, "guidance_kind": kind,
                    "guidance_scale": sds["guidance"]["guidance_scale"], "device": run.get("device", "auto"),
                    "model": asdict(ModelConfig(**model)), "sds": sds})
 

@@ -47,7 +47,7 @@ DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "choice": ("values",),
     "grid": ("values",),
 }
-TOP_LEVEL_KEYS = ("seed", "guidance", "guidance_scale", "negative_prompt")
+TOP_LEVEL_KEYS = ("seed", "guidance_kind", "guidance_scale", "negative_prompt")
 # sds.* paths that have a dedicated top-level key (sweeping both ways would be ambiguous)
 _REDIRECTS = {
     "sds.guidance.guidance_scale": "guidance_scale (the job's top-level override)",
@@ -331,9 +331,9 @@ def _check_values(param: Param, negatives: dict[str, str], where: str) -> None:
             raise SpaceError(f"{name}: seeds are integers: use choice, grid, randint or a constant")
         if values is not None and not all(_is_int(v) and v >= 0 for v in values):
             raise SpaceError(f"{name}: seeds must be integers >= 0, got {values}")
-    elif param.key == "guidance":
+    elif param.key == "guidance_kind":
         if values is None or any(v not in GUIDANCE_KINDS for v in values):
-            raise SpaceError(f"{name}: guidance values must be among {GUIDANCE_KINDS}")
+            raise SpaceError(f"{name}: guidance_kind values must be among {GUIDANCE_KINDS}")
 
 
 def apply_overrides(run: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
