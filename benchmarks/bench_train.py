@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mvdream_platform.cluster import ensure_ray
 from mvdream_platform.data import prepare
 from mvdream_platform.pipelines.loading import ModelConfig
 from mvdream_platform.tracking import read_metrics
@@ -40,7 +41,7 @@ from mvdream_platform.training.config import (
     TrainJobConfig,
 )
 from mvdream_platform.training.samples import SampleConfig
-from mvdream_platform.training.trainer import ensure_ray, run_training
+from mvdream_platform.training.trainer import run_training
 
 from machine_info import describe
 

@@ -29,7 +29,7 @@ def test_outside_ray_the_affinity_mask_decides_and_a_number_wins():
 def test_a_ray_task_uses_the_cpus_it_was_assigned():
     import ray
 
-    from mvdream_platform.training.trainer import ensure_ray
+    from mvdream_platform.cluster import ensure_ray
 
     started_here = not ray.is_initialized()
     ensure_ray()

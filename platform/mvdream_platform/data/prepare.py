@@ -360,10 +360,9 @@ def _run(todo: list[ObjectSpec], settings: RenderSettings, out_uri: str, backend
 def _run_ray(todo, settings, out_uri, workers) -> Iterator[tuple[str, str | None]]:
     import ray
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) joins the existing cluster; otherwise local.
-        ray.init(num_cpus=workers or None, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+    from ..cluster import ensure_ray
+
+    ensure_ray(num_cpus=workers or None, log_to_driver=False)
     task = ray.remote(num_cpus=1)(_render_task)
     pending = [task.remote(s, settings, out_uri) for s in todo]
     while pending:

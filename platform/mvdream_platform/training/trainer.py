@@ -7,22 +7,11 @@ import os
 from typing import Any
 
 from .. import storage
+from ..cluster import ensure_ray
 from .config import TrainJobConfig
 from .loop import PIPELINE_DIR, make_loader, run_dir, train_loop_per_worker
 
 log = logging.getLogger(__name__)
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def build_trainer(cfg: TrainJobConfig):

@@ -309,7 +309,7 @@ def _check_same_sweep(config: SweepConfig) -> None:
 
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; returns the summary (also written to summary.json)."""
-    from ..training.trainer import ensure_ray
+    from ..cluster import ensure_ray
 
     ensure_ray(num_cpus=None)
     _check_same_sweep(config)
