@@ -3,6 +3,8 @@
     python jobs/prepare_data.py source=shapes num_objects=200 views=32 resolution=64 out=URI
     python jobs/prepare_data.py source=meshes input='meshes/*.glb' out=URI
     python jobs/prepare_data.py source=images input=builtin num_objects=200 out=URI
+    python jobs/prepare_data.py source=shapes layout=shards out=URI     # parquet shards
+    python jobs/prepare_data.py mode=shard input=FOLDER_LAYOUT out=URI   # convert to shards
     python jobs/prepare_data.py mode=validate source=shapes out=URI
 
 Rerunning with the same `out` skips finished objects. On a Ray cluster:
@@ -26,7 +28,8 @@ from _common import save_resolved_config
 
 log = logging.getLogger("prepare_data")
 SOURCES = ("shapes", "meshes", "images")
-MODES = ("prepare", "validate")
+MODES = ("prepare", "validate", "shard")
+LAYOUTS = ("folders", "shards")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -35,6 +38,14 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {cfg.source!r}")
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
+    if cfg.mode == "shard":
+        if not cfg.input:
+            raise ValueError("input is required for mode=shard: a multi-view folder layout to convert")
+        manifest = prepare.shard_folders(cfg.input, cfg.out, objects_per_shard=cfg.objects_per_shard)
+        log.info("%d objects in %d shards at %s", manifest["rows"], len(manifest["shards"]), cfg.out)
+        return manifest
     if cfg.mode == "validate":
         report = (datasets.validate_text_images(cfg.out) if cfg.source == "images"
                   else datasets.validate_multiview(cfg.out))
@@ -65,8 +76,9 @@ def run(cfg: DictConfig) -> dict:
         if not cfg.input:
             raise ValueError("input is required for source=meshes: a glob, folder or URI of mesh files")
         specs = prepare.plan_meshes(cfg.input, captions, up_axis=cfg.up_axis)
-    summary = prepare.prepare_multiview(specs, cfg.out, settings, backend=cfg.backend,
-                                        workers=cfg.workers)
+    summary = prepare.prepare_multiview(
+        specs, cfg.out, settings, backend=cfg.backend, workers=cfg.workers,
+        objects_per_shard=cfg.objects_per_shard if cfg.layout == "shards" else None)
     log.info("%s -> %s", summary.line(), cfg.out)
     for failure in summary.failures[:10]:
         log.warning("failed: %s: %s", failure["object_id"], failure["error"])

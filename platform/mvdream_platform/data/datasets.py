@@ -58,6 +58,8 @@ from mvdream_platform.data.layout import (
     ObjectRecord,
     view_name,
 )
+from mvdream_platform.data.shards import SCHEMA as SHARD_SCHEMA
+from mvdream_platform.data.shards import is_sharded, read_shards_manifest, record_from_row
 
 __all__ = [
     "IMAGE_REASONS",
@@ -353,6 +355,85 @@ def read_view_rgba(folder: str, index: int, size: int) -> torch.Tensor:
     return image_to_unit(image.convert("RGBA"))
 
 
+class _FolderObjects:
+    """The objects of the per-object folder layout (``manifest.jsonl`` + ``objects/<id>/``)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.entries, self.listing_skips = read_multiview_manifest(uri)
+
+    def folder(self, index: int) -> str:
+        return storage.join(self.uri, self.entries[index]["path"])
+
+    def record(self, index: int) -> ObjectRecord:
+        return read_object_record(self.folder(index))
+
+    def view_rgba(self, index: int, view: int, size: int) -> torch.Tensor:
+        return read_view_rgba(self.folder(index), view, size)
+
+
+class _ShardObjects:
+    """The objects of multi-view parquet shards (:mod:`.shards`): one row each, read a row
+    group at a time through a per-process LRU (shuffled access hits each group many times)."""
+
+    def __init__(self, uri: str, cache_bytes: int = 256 * 2**20):
+        self.uri, self.cache_bytes = uri, cache_bytes
+        self.listing_skips: Counter[str] = Counter()
+        self.shards = read_shards_manifest(uri)["shards"]
+        self.starts = np.cumsum([0, *[int(s["rows"]) for s in self.shards]])
+        self.entries = [{"object_id": o, "shard": k} for k, s in enumerate(self.shards)
+                        for o in s.get("objects") or [f"{s['name']}#{r}" for r in range(s["rows"])]]
+        self._groups: dict[int, np.ndarray] = {}  # shard -> row-group starts (read lazily)
+        self._cache = _LRU(cache_bytes)
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers start with empty caches
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_groups")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _cache=_LRU(state["cache_bytes"]), _groups={})
+
+    def _row(self, index: int) -> tuple[dict[str, Any], str]:
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        uri, local = storage.join(self.uri, self.shards[shard]["name"]), index - int(self.starts[shard])
+        try:
+            if shard not in self._groups:
+                with fsspec.open(uri, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+                self._groups[shard] = np.cumsum([0, *[meta.row_group(g).num_rows
+                                                      for g in range(meta.num_row_groups)]])
+        except (OSError, ValueError, pa.ArrowException) as error:
+            raise BadRecord("bad_parquet", f"{uri}: {error}") from error
+        starts = self._groups[shard]
+        group = int(np.searchsorted(starts, local, side="right") - 1)
+        if not 0 <= group < len(starts) - 1:
+            raise BadRecord("bad_parquet", f"{uri} has {int(starts[-1])} rows, the manifest more")
+        columns = self._cache.get_or_load((uri, group), lambda: _ParquetShard(
+            uri, starts, tuple(SHARD_SCHEMA.names)).read_group(group))
+        i = local - int(starts[group])
+        return {name: values[i] for name, values in columns.items()}, f"{uri} row {local}"
+
+    def record(self, index: int) -> ObjectRecord:
+        row, where = self._row(index)
+        try:
+            record = record_from_row(row)
+            record.resolution = _check_resolution(record.resolution, allow_none=False)
+            if len(row["views"] or []) != record.num_views:
+                raise ValueError(f"{len(row['views'] or [])} views for {record.num_views} cameras")
+        except (ValueError, TypeError, KeyError) as error:
+            raise BadRecord("bad_record", f"{where}: {error}") from error
+        if not isinstance(record.caption, str) or not record.caption.strip():
+            raise BadRecord("missing_caption", f"{where}: caption {record.caption!r}")
+        return record
+
+    def view_rgba(self, index: int, view: int, size: int) -> torch.Tensor:
+        row, where = self._row(index)
+        image, stored = decode_image(row["views"][view], "bad_png")
+        if stored != (size, size):
+            raise BadRecord("wrong_size", f"{where} view {view} is {stored[0]}x{stored[1]}, the "
+                            f"record says {size}x{size}")
+        return image_to_unit(image.convert("RGBA"))
+
+
 class MultiViewDataset(Dataset):
     """Rendered objects as groups of views evenly spaced in azimuth (MVDream training items).
 
@@ -386,10 +467,11 @@ class MultiViewDataset(Dataset):
         self.background = parse_background(background)
         self.seed = _check_seed(seed)
         self.epoch = 0
-        self.entries, self.listing_skips = read_multiview_manifest(self.uri)
+        self.objects = _ShardObjects(self.uri) if is_sharded(self.uri) else _FolderObjects(self.uri)
+        self.entries, self.listing_skips = self.objects.entries, self.objects.listing_skips
         if not self.entries:
-            raise ValueError(f"no finished objects in {self.uri!r} (no {MANIFEST} entries and no "
-                             f"{OBJECTS_DIR}/*/{CAMERAS_FILE})")
+            raise ValueError(f"no finished objects in {self.uri!r} (no {MANIFEST} entries, no "
+                             f"{OBJECTS_DIR}/*/{CAMERAS_FILE} and no shards)")
         self.resolution = _check_resolution(resolution, allow_none=True) or self._stored_size()
 
     def _stored_size(self) -> int:
@@ -397,9 +479,9 @@ class MultiViewDataset(Dataset):
                         if isinstance(e.get("resolution"), int) and e["resolution"] > 0)
         if sizes:
             return sizes.most_common(1)[0][0]
-        for entry in self.entries:  # no manifest: ask the objects themselves
+        for index in range(len(self.entries)):  # no manifest: ask the objects themselves
             try:
-                return read_object_record(self.folder(entry)).resolution
+                return self.objects.record(index).resolution
             except BadRecord:
                 continue
         raise ValueError(f"cannot infer the resolution of {self.uri!r}: pass resolution=")
@@ -411,22 +493,18 @@ class MultiViewDataset(Dataset):
         """Epoch used by ``__getitem__`` (``load`` takes it explicitly)."""
         self.epoch = int(epoch)
 
-    def folder(self, entry: dict[str, Any]) -> str:
-        return storage.join(self.uri, entry["path"])
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.load(index, self.epoch)
 
     def load(self, index: int, epoch: int | None = None) -> dict[str, Any]:
         """Item ``index`` at ``epoch`` (default: ``set_epoch``'s); raises :class:`BadRecord`."""
         epoch = self.epoch if epoch is None else int(epoch)
-        folder = self.folder(self.entries[index])
-        record = read_object_record(folder)
+        record = self.objects.record(index)
         # Always draw the same numbers in the same order, so options never shift the stream.
         u_start, u_grey = item_rng(_TAG_MULTIVIEW_ITEM, self.seed, epoch, index).random(2)
         views = select_views(record.num_views, self.num_views,
                              min(int(u_start * record.num_views), record.num_views - 1))
-        rgba = torch.stack([read_view_rgba(folder, int(v), record.resolution) for v in views])
+        rgba = torch.stack([self.objects.view_rgba(index, int(v), record.resolution) for v in views])
         background = torch.tensor(self.background or (float(u_grey),) * 3, dtype=torch.float32)
         rgb = composite_over(rgba, background)  # composite first: resizing straight alpha fringes
         if rgb.shape[-1] != self.resolution:
@@ -829,6 +907,8 @@ def validate_multiview(uri: str, num_views: int = 4) -> dict[str, Any]:
     "detail"}``), ``incomplete``, ``unlisted`` (object ids).
     """
     uri = str(uri).rstrip("/")
+    if is_sharded(uri):
+        return _validate_multiview_shards(uri, num_views)
     entries, problems = read_multiview_manifest(uri)
     folders, complete = _object_folders(uri)
     bad, reasons = [], Counter()
@@ -852,6 +932,28 @@ def validate_multiview(uri: str, num_views: int = 4) -> dict[str, Any]:
         "manifest_errors": dict(problems), "bad": bad, "incomplete": incomplete[:_MAX_LISTED],
         "unlisted": unlisted[:_MAX_LISTED],
     }
+
+
+def _validate_multiview_shards(uri: str, num_views: int) -> dict[str, Any]:
+    """:func:`validate_multiview` of a sharded set: every row's record and every view decoded."""
+    objects = _ShardObjects(uri)
+    bad, reasons = [], Counter()
+    for index, entry in enumerate(objects.entries):
+        try:
+            record = objects.record(index)
+            if record.num_views % num_views:
+                raise BadRecord("num_views", f"{record.num_views} views, not a multiple of {num_views}")
+            for view in range(record.num_views):
+                objects.view_rgba(index, view, record.resolution)
+        except BadRecord as error:
+            reasons[error.reason] += 1
+            if len(bad) < _MAX_LISTED:
+                bad.append({"object_id": entry["object_id"], "reason": error.reason, "detail": error.detail})
+    n_bad = sum(reasons.values())
+    return {"uri": uri, "kind": "multiview", "layout": "shards", "num_views": num_views,
+            "ok": n_bad == 0, "shards": len(objects.shards), "objects_listed": len(objects.entries),
+            "objects_ok": len(objects.entries) - n_bad, "objects_bad": n_bad, "reasons": dict(reasons),
+            "bad": bad}
 
 
 def _check_rows(shards: list[_ParquetShard | _TarShard]) -> Iterator[tuple[str, str | None,

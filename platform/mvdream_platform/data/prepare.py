@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from .. import storage
 from ..cameras import mvdream_to_orbit_azimuth, orbit_camera_to_world
-from . import layout
+from . import layout, shards
+from .datasets import read_multiview_manifest
 from .layout import ObjectRecord
 
 log = logging.getLogger(__name__)
@@ -307,32 +308,66 @@ def is_finished(out_uri: str, object_id: str) -> bool:
 
 
 def prepare_multiview(specs: list[ObjectSpec], out_uri: str, settings: RenderSettings, *,
-                      backend: str = "process", workers: int = 0,
-                      progress: bool = True) -> PrepareSummary:
+                      backend: str = "process", workers: int = 0, progress: bool = True,
+                      objects_per_shard: int | None = None) -> PrepareSummary:
     """Render every unfinished object of ``specs`` into ``out_uri``, then write the manifest.
 
     Args:
         backend: ``serial`` (in this process), ``process`` (a process pool) or ``ray`` (one Ray
             task per object on the current cluster; a local one is started if none is running).
         workers: parallel workers for ``process``/``ray`` (0 = number of CPUs).
+        objects_per_shard: None writes the per-object folder layout; a number writes parquet
+            shards of that many objects (:mod:`.shards`): each chunk is rendered into
+            ``out_uri/.staging/``, packed, and committed to ``shards.json``; a rerun skips the
+            objects already in a shard.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if objects_per_shard is not None and objects_per_shard < 1:
+        raise ValueError(f"objects_per_shard must be >= 1 or None, got {objects_per_shard}")
     start = time.perf_counter()
     summary = PrepareSummary(objects=len(specs), views=settings.views)
-    todo = [s for s in specs if not is_finished(out_uri, s.object_id)]
+    if objects_per_shard is None:
+        todo = [s for s in specs if not is_finished(out_uri, s.object_id)]
+    else:
+        done = shards.sharded_objects(out_uri)
+        todo = [s for s in specs if s.object_id not in done]
     summary.skipped_existing = len(specs) - len(todo)
     bar = tqdm(total=len(todo), desc="render", unit="obj", disable=not progress)
-    for object_id, error in _run(todo, settings, out_uri, backend, workers):
-        if error is None:
-            summary.rendered += 1
-        else:
-            summary.failed += 1
-            summary.failures.append({"object_id": object_id, "error": error})
-            log.warning("object %s failed: %s", object_id, error)
-        bar.update(1)
+
+    def record(results: Iterable[tuple[str, str | None]]) -> list[str]:
+        ok = []
+        for object_id, error in results:
+            if error is None:
+                summary.rendered += 1
+                ok.append(object_id)
+            else:
+                summary.failed += 1
+                summary.failures.append({"object_id": object_id, "error": error})
+                log.warning("object %s failed: %s", object_id, error)
+            bar.update(1)
+        return ok
+
+    if objects_per_shard is None:
+        record(_run(todo, settings, out_uri, backend, workers))
+        write_manifest(out_uri)
+    else:
+        # Staging under out_uri (not a local temp folder): Ray tasks on other nodes write there
+        # too, and a chunk interrupted by a crash keeps its finished objects for the rerun.
+        for first in range(0, len(todo), objects_per_shard):
+            chunk = todo[first:first + objects_per_shard]
+            staging = storage.join(out_uri, ".staging", chunk[0].object_id)
+            again = [s for s in chunk if not is_finished(staging, s.object_id)]
+            record(_run(again, settings, staging, backend, workers))
+            ids = [s.object_id for s in chunk if is_finished(staging, s.object_id)]  # plan order
+            if ids:
+                shards.append_shard(out_uri, shards.rows_of_objects(staging, ids))
+            storage.remove_tree(staging)
+        storage.remove_tree(storage.join(out_uri, ".staging"))
+        if not shards.is_sharded(out_uri):  # nothing rendered: still a (empty) sharded set
+            storage.write_json(storage.join(out_uri, shards.SHARDS_MANIFEST),
+                               shards.read_shards_manifest(out_uri))
     bar.close()
-    write_manifest(out_uri)
     summary.seconds = time.perf_counter() - start
     storage.write_json(storage.join(out_uri, "prepare_summary.json"), asdict(summary))
     return summary
@@ -393,6 +428,27 @@ def write_manifest(out_uri: str) -> int:
     lines = [json.dumps(r.manifest_entry(), sort_keys=True) for r in finished_records(out_uri)]
     storage.write_text(storage.join(out_uri, layout.MANIFEST), "".join(line + "\n" for line in lines))
     return len(lines)
+
+
+# ------------------------------------------------------------------------------ multi-view shards
+def shard_folders(src_uri: str, out_uri: str, objects_per_shard: int = 64) -> dict[str, Any]:
+    """Convert a folder layout (``manifest.jsonl`` + ``objects/``) into shards; resumable.
+
+    Objects already in a shard of ``out_uri`` are skipped, so a rerun after a crash continues.
+    Returns the shard manifest.
+    """
+    if objects_per_shard < 1:
+        raise ValueError(f"objects_per_shard must be >= 1, got {objects_per_shard}")
+    entries, _ = read_multiview_manifest(src_uri)
+    done = shards.sharded_objects(out_uri)
+    todo = [e["object_id"] for e in entries if e["object_id"] not in done]
+    manifest = shards.read_shards_manifest(out_uri)
+    for start in range(0, len(todo), objects_per_shard):
+        manifest = shards.append_shard(out_uri, shards.rows_of_objects(src_uri, todo[start:start + objects_per_shard]))
+        log.info("shard %d: %d objects", len(manifest["shards"]) - 1, manifest["shards"][-1]["rows"])
+    if not storage.exists(storage.join(out_uri, shards.SHARDS_MANIFEST)):
+        storage.write_json(storage.join(out_uri, shards.SHARDS_MANIFEST), manifest)
+    return manifest
 
 
 # ------------------------------------------------------------------------------ text-image shards
