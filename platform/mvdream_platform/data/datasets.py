@@ -500,27 +500,39 @@ class MultiViewDataset(Dataset):
         """Item ``index`` at ``epoch`` (default: ``set_epoch``'s); raises :class:`BadRecord`."""
         epoch = self.epoch if epoch is None else int(epoch)
         record = self.objects.record(index)
-        # Always draw the same numbers in the same order, so options never shift the stream.
         u_start, u_grey = item_rng(_TAG_MULTIVIEW_ITEM, self.seed, epoch, index).random(2)
-        views = select_views(record.num_views, self.num_views,
-                             min(int(u_start * record.num_views), record.num_views - 1))
-        rgba = torch.stack([self.objects.view_rgba(index, int(v), record.resolution) for v in views])
-        background = torch.tensor(self.background or (float(u_grey),) * 3, dtype=torch.float32)
-        rgb = composite_over(rgba, background)  # composite first: resizing straight alpha fringes
-        if rgb.shape[-1] != self.resolution:
-            rgb = resize_square(rgb, self.resolution)
-        c2w = torch.from_numpy(np.asarray(record.camera_to_world, np.float64)[views])
-        return {
-            "images": rgb.mul_(2.0).sub_(1.0),
-            "cameras": normalize_camera(c2w),
-            "azimuths_deg": torch.tensor([record.azimuths_deg[v] for v in views],
-                                         dtype=torch.float32),
-            "view_indices": torch.from_numpy(views),
-            "background": background,
-            "caption": record.caption,
-            "attributes": dict(record.attributes),
-            "object_id": record.object_id,
-        }
+        return multiview_item(record, lambda v: self.objects.view_rgba(index, v, record.resolution),
+                              u_start, u_grey, self.num_views, self.resolution, self.background)
+
+
+def multiview_item(record: ObjectRecord, read_view, u_start: float, u_grey: float,
+                   num_views: int, resolution: int,
+                   background: tuple[float, float, float] | None) -> dict[str, Any]:
+    """One training item of an object: ``num_views`` views evenly spaced from a start view.
+
+    ``read_view(v)`` returns view ``v`` as (4, S, S) straight-alpha RGBA in [0, 1]; ``u_start``
+    and ``u_grey`` are the item's two uniforms (first view, grey level of a random background);
+    ``background`` a fixed RGB or None (random grey). Shared by the map-style datasets and the
+    Ray Data ingest, so both make the same item of the same record and uniforms.
+    """
+    views = select_views(record.num_views, num_views,
+                         min(int(u_start * record.num_views), record.num_views - 1))
+    rgba = torch.stack([read_view(int(v)) for v in views])
+    fill = torch.tensor(background or (float(u_grey),) * 3, dtype=torch.float32)
+    rgb = composite_over(rgba, fill)  # composite first: resizing straight alpha fringes
+    if rgb.shape[-1] != resolution:
+        rgb = resize_square(rgb, resolution)
+    c2w = torch.from_numpy(np.asarray(record.camera_to_world, np.float64)[views])
+    return {
+        "images": rgb.mul_(2.0).sub_(1.0),
+        "cameras": normalize_camera(c2w),
+        "azimuths_deg": torch.tensor([record.azimuths_deg[v] for v in views], dtype=torch.float32),
+        "view_indices": torch.from_numpy(views),
+        "background": fill,
+        "caption": record.caption,
+        "attributes": dict(record.attributes),
+        "object_id": record.object_id,
+    }
 
 
 # ----------------------------------------------------------------------------- text-image shards
@@ -846,14 +858,17 @@ class TextImageDataset(Dataset):
     def load(self, index: int, epoch: int | None = None) -> dict[str, Any]:
         """Item ``index`` at ``epoch`` (default: ``set_epoch``'s); raises :class:`BadRecord`."""
         epoch = self.epoch if epoch is None else int(epoch)
-        raw = self.read_raw(index)
-        caption = check_caption(raw)
-        image = decode_row(raw, draft=(self.resolution, self.resolution))
         crop_uv = item_rng(_TAG_IMAGE_ITEM, self.seed, epoch, index).random(2)
-        image = resize_and_crop(image, self.resolution,
-                                None if self.crop == "center" else tuple(crop_uv))
-        images = image_to_unit(image).mul_(2.0).sub_(1.0)
-        return {"images": images[None], "caption": caption, "key": raw.key}
+        return text_image_item(self.read_raw(index), crop_uv, self.resolution, self.crop)
+
+
+def text_image_item(raw: RawImageRow, crop_uv, resolution: int, crop: str) -> dict[str, Any]:
+    """One training item of a text-image row (``crop_uv``: the random crop's two uniforms)."""
+    caption = check_caption(raw)
+    image = decode_row(raw, draft=(resolution, resolution))
+    image = resize_and_crop(image, resolution, None if crop == "center" else tuple(crop_uv))
+    images = image_to_unit(image).mul_(2.0).sub_(1.0)
+    return {"images": images[None], "caption": caption, "key": raw.key}
 
 
 def check_caption(raw: RawImageRow) -> str:

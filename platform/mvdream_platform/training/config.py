@@ -12,6 +12,7 @@ from .optim import LR_SCHEDULES
 from .samples import SampleConfig
 
 MIXED_PRECISION = ("no", "bf16")
+DATA_LOADERS = ("mixture", "ray_data")
 LOGGER_MODES = ("offline", "online", "disabled")
 PRESERVATION_DISTANCES = ("l1", "l2")
 
@@ -28,7 +29,11 @@ class DataConfig:
     resolution: int = 32
     multiview_batch: int = 8  # objects per multi-view step, per worker
     image_batch: int = 32  # images per 2D step, per worker
-    num_workers: int = 2  # DataLoader processes per training worker
+    num_workers: int = 2  # DataLoader processes per training worker (loader=mixture)
+    # mixture: a map-style DataLoader per worker (folders or shards); ray_data: Ray Data
+    # streams sharded records, decoding on any CPU of the cluster (data/ray_ingest.py)
+    loader: str = "mixture"
+    ingest_cpus_per_task: float = 0.5  # loader=ray_data: CPUs of each read / decode task
 
     def __post_init__(self) -> None:
         self.validate()
@@ -41,6 +46,10 @@ class DataConfig:
         for name in ("num_views", "resolution", "multiview_batch", "image_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.loader not in DATA_LOADERS:
+            raise ValueError(f"data.loader must be one of {DATA_LOADERS}, got {self.loader!r}")
+        if not self.ingest_cpus_per_task > 0:
+            raise ValueError(f"data.ingest_cpus_per_task must be > 0, got {self.ingest_cpus_per_task}")
 
 
 @dataclass

@@ -194,6 +194,16 @@ def make_loader(cfg: TrainJobConfig, rank: int, world: int, start_micro_step: in
     from ..data.mixture import MixtureLoader
 
     data = cfg.data
+    if data.loader == "ray_data":  # in a Ray Train worker: this rank's splits of the datasets
+        import ray.train
+
+        from ..data.ray_ingest import RayDataMixture
+
+        kinds = [k for k, uri in (("multiview", data.uri), ("image", data.image_uri)) if uri]
+        return RayDataMixture({k: ray.train.get_dataset_shard(k) for k in kinds},
+                              {"multiview": data.multiview_batch, "image": data.image_batch},
+                              p_multiview=data.p_multiview, seed=cfg.trainer.seed,
+                              start_step=start_micro_step)
     return MixtureLoader.from_uris(
         data.uri, data.image_uri, resolution=data.resolution, num_views=data.num_views,
         seed=cfg.trainer.seed, multiview_batch=data.multiview_batch, image_batch=data.image_batch,
