@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from .component_io import ConfigOnlyComponent, existing_dir, read_own_config
+from .component_io import ConfigOnlyComponent, existing_dir, loading_defaults, read_own_config
 
 __all__ = ["CODEC_KINDS", "Codec", "LatentCodec", "PixelCodec", "load_codec"]
 
@@ -291,7 +291,8 @@ class LatentCodec(Codec):
                 f"{cls.__name__}.from_vae_folder: no VAE found under {str(path)!r} "
                 "(expected a vae/ subfolder or a config.json)"
             )
-        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype,
+                                            **loading_defaults())
         return cls.from_vae(vae, **kwargs)
 
 

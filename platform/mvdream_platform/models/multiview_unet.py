@@ -26,6 +26,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2
 from torch import nn
 
 from .attention import MultiViewAttnProcessor, check_attention_mode
+from .component_io import loading_defaults
 
 CAMERA_MODES = ("time", "text")
 
@@ -219,4 +220,4 @@ def _load_sd_unet(path: str, **load_kwargs: Any) -> UNet2DConditionModel:
         load_kwargs.setdefault("subfolder", "unet")
     elif os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"unet_or_path must be a folder or hub id, got the file {path!r}")
-    return UNet2DConditionModel.from_pretrained(path, **load_kwargs)
+    return UNet2DConditionModel.from_pretrained(path, **(loading_defaults() | load_kwargs))

@@ -20,12 +20,13 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..cameras import get_camera
-
-# diffusers finds a saved component's class through sys.modules, so the modules of every
-# component class we save must be imported before MVDreamPipeline.from_pretrained runs.
 from ..models import codecs as _codecs  # noqa: F401
 from ..models import multiview_unet as _multiview_unet  # noqa: F401
 from ..models import text_encoders as _text_encoders  # noqa: F401
+
+# diffusers finds a saved component's class through sys.modules, so the modules of every
+# component class we save must be imported before MVDreamPipeline.from_pretrained runs.
+from ..models.component_io import loading_defaults
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 # For model folders that record no recommendation (Stable Diffusion's defaults).
@@ -68,6 +69,12 @@ class MVDreamPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, text_encoder=text_encoder, codec=codec, scheduler=scheduler)
         self.register_to_config(recommended_guidance_scale=recommended_guidance_scale,
                                 recommended_steps=recommended_steps)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, with :func:`~mvdream_platform.models.component_io.loading_defaults`
+        (the caller's keywords win)."""
+        return super().from_pretrained(pretrained_model_name_or_path, **(loading_defaults() | kwargs))
 
     def recommend(self, guidance_scale: float | None = None, steps: int | None = None) -> None:
         """Record the model's recommended sampling settings (saved with the pipeline)."""
