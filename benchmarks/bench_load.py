@@ -24,12 +24,6 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SD21_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                 cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                 use_linear_projection=True)
 
 
 def write_folder(folder: Path) -> int:
@@ -37,8 +31,13 @@ def write_folder(folder: Path) -> int:
 
     from mvdream_platform.models import MultiViewUNet
 
+    from bench_unet import (
+        sd_shaped,  # here, not at the top: the timed children import nothing early
+    )
+
     torch.manual_seed(0)
-    model = MultiViewUNet(unet_config=SD21_UNET, camera_dim=16)
+    model = MultiViewUNet(unet_config=sd_shaped((320, 640, 1280, 1280), (5, 10, 20, 20))["unet"],
+                          camera_dim=16)
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 

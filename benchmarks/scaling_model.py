@@ -33,17 +33,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench_unet import sd_shaped
 from machine_info import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # SD-2.1-base's UNet, VAE and text encoder configurations (their config.json files).
-SD21_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                 cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                 use_linear_projection=True)
+SD21_UNET = sd_shaped((320, 640, 1280, 1280), (5, 10, 20, 20))["unet"]  # SD-2.1-base's UNet
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
               block_out_channels=(128, 256, 512, 512),
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
