@@ -33,3 +33,14 @@ def run_job(script: str, *args: str, timeout: float = 600) -> subprocess.Complet
         [sys.executable, str(JOBS / script), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def prepare_training_data(root: Path, images: int = 4, *image_overrides: str) -> dict[str, Path]:
+    """The tiny training set of the Ray tests: 6 procedural objects x 8 views at 16 px
+    (``root/mv``) and ``images`` builtin text-image rows (``root/2d``), by jobs/prepare_data.py."""
+    prepare = import_job("prepare_data")
+    prepare.run(compose("prepare_data", ["source=shapes", "num_objects=6", "views=8", "resolution=16",
+                                         "backend=serial", f"out={root / 'mv'}"]))
+    prepare.run(compose("prepare_data", ["source=images", "input=builtin", f"num_objects={images}",
+                                         "resolution=16", *image_overrides, f"out={root / '2d'}"]))
+    return {"mv": root / "mv", "2d": root / "2d"}

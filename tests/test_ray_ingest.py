@@ -34,18 +34,14 @@ from mvdream_platform.data.ray_ingest import (
 )
 
 from conftest import shutdown_ray
-from jobs_helpers import compose, import_job
+from jobs_helpers import compose, import_job, prepare_training_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ingest")
-    prepare = import_job("prepare_data")
-    prepare.run(compose("prepare_data", ["source=shapes", "num_objects=6", "views=8", "resolution=16",
-                                         "backend=serial", f"out={root / 'mv'}"]))
+    prepare_training_data(root, 8, "rows_per_shard=4")
     shard_folders(str(root / "mv"), str(root / "mv_shards"), objects_per_shard=3)
-    prepare.run(compose("prepare_data", ["source=images", "input=builtin", "num_objects=8",
-                                         "resolution=16", "rows_per_shard=4", f"out={root / '2d'}"]))
     return {"folders": str(root / "mv"), "mv": str(root / "mv_shards"), "2d": str(root / "2d")}
 
 

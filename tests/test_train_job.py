@@ -11,7 +11,7 @@ import pytest
 from mvdream_platform.pipelines import MVDreamPipeline
 
 from conftest import shutdown_ray
-from jobs_helpers import compose, import_job
+from jobs_helpers import compose, import_job, prepare_training_data
 
 TINY = [
     "model=tiny_init", "data=shapes", "cluster=local_cpu", "logger=disabled",
@@ -22,13 +22,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("train-data")
-    prepare = import_job("prepare_data")
-    prepare.run(compose("prepare_data", ["source=shapes", "num_objects=6", "views=8", "resolution=16",
-                                         "backend=serial", f"out={root / 'mv'}"]))
-    prepare.run(compose("prepare_data", ["source=images", "input=builtin", "num_objects=4",
-                                         "resolution=16", f"out={root / '2d'}"]))
-    return {"mv": root / "mv", "2d": root / "2d"}
+    return prepare_training_data(tmp_path_factory.mktemp("train-data"))
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def jsonable(value: Any, strict: bool = False) -> Any:
     """
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, dict) or hasattr(value, "items"):
+    if hasattr(value, "items"):  # dicts and other mappings
         return {str(k): jsonable(v, strict) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v, strict) for v in value]

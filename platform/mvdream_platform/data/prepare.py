@@ -364,9 +364,7 @@ def prepare_multiview(specs: list[ObjectSpec], out_uri: str, settings: RenderSet
                 shards.append_shard(out_uri, shards.rows_of_objects(staging, ids))
             storage.remove_tree(staging)
         storage.remove_tree(storage.join(out_uri, ".staging"))
-        if not shards.is_sharded(out_uri):  # nothing rendered: still a (empty) sharded set
-            storage.write_json(storage.join(out_uri, shards.SHARDS_MANIFEST),
-                               shards.read_shards_manifest(out_uri))
+        shards.ensure_manifest(out_uri)
     bar.close()
     summary.seconds = time.perf_counter() - start
     storage.write_json(storage.join(out_uri, "prepare_summary.json"), asdict(summary))
@@ -442,13 +440,10 @@ def shard_folders(src_uri: str, out_uri: str, objects_per_shard: int = 64) -> di
     entries, _ = read_multiview_manifest(src_uri)
     done = shards.sharded_objects(out_uri)
     todo = [e["object_id"] for e in entries if e["object_id"] not in done]
-    manifest = shards.read_shards_manifest(out_uri)
     for start in range(0, len(todo), objects_per_shard):
         manifest = shards.append_shard(out_uri, shards.rows_of_objects(src_uri, todo[start:start + objects_per_shard]))
         log.info("shard %d: %d objects", len(manifest["shards"]) - 1, manifest["shards"][-1]["rows"])
-    if not storage.exists(storage.join(out_uri, shards.SHARDS_MANIFEST)):
-        storage.write_json(storage.join(out_uri, shards.SHARDS_MANIFEST), manifest)
-    return manifest
+    return shards.ensure_manifest(out_uri)
 
 
 # ------------------------------------------------------------------------------ text-image shards

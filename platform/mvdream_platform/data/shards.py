@@ -48,7 +48,7 @@ SCHEMA = pa.schema([
     ("views", pa.list_(pa.binary())),
 ])
 
-__all__ = ["SCHEMA", "SHARDS_MANIFEST", "append_shard", "is_sharded", "read_shards_manifest",
+__all__ = ["SCHEMA", "SHARDS_MANIFEST", "append_shard", "ensure_manifest", "is_sharded", "read_shards_manifest",
            "record_from_row", "row_of", "rows_of_objects", "sharded_objects", "write_shard"]
 
 
@@ -123,6 +123,15 @@ def append_shard(out_uri: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                                "objects": [r["object_id"] for r in rows]})
     manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
     storage.write_json(storage.join(out_uri, SHARDS_MANIFEST), manifest)  # the commit
+    return manifest
+
+
+def ensure_manifest(out_uri: str) -> dict[str, Any]:
+    """Write an empty ``shards.json`` when ``out_uri`` has none (a set that rendered nothing is
+    still a sharded set); returns the manifest."""
+    manifest = read_shards_manifest(out_uri)
+    if not is_sharded(out_uri):
+        storage.write_json(storage.join(out_uri, SHARDS_MANIFEST), manifest)
     return manifest
 
 
