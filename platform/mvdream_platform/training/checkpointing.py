@@ -2,10 +2,12 @@
 
 A checkpoint folder holds::
 
-    model.safetensors      the trainable model's weights (unwrapped from DDP)
+    model.safetensors      the trainable model's weights (full, unwrapped from DDP / FSDP)
     ema.safetensors        the EMA weights, when EMA is on
-    optimizer.pt           optimizer state (torch.save; tensors + per-parameter-group settings)
-    state.json             step, lr-scheduler state, data-loader position, RNG states
+    optimizer.pt           optimizer state (torch.save; tensors + per-parameter-group settings;
+                           keyed by position, or by parameter name when written under FSDP)
+    state.json             step, lr-scheduler state, data-loader position, RNG states,
+                           the optimizer state's format
     manifest.json          size and SHA-256 of each file above
     COMPLETE               written last (holds the step): a folder without it is never loaded
 
@@ -36,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from ..storage import jsonable
 from .optim import unwrap_model
+from .parallel import OPTIMIZER_FORMATS, is_fsdp, load_into_sharded, training_snapshot
 
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -69,21 +72,34 @@ def save_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, lr_scheduler: Any, step: int,
                         ema: Any = None, loader_state: dict | None = None,
                         extra: dict | None = None) -> Path:
-    """Write a complete checkpoint into ``folder`` (created); ``COMPLETE`` goes last."""
+    """Write a complete checkpoint of a plain or DDP model into ``folder`` (created).
+
+    Under FSDP gathering the state is a collective: every rank calls
+    :func:`.parallel.training_snapshot`, then one rank :func:`write_training_state`.
+    """
+    snapshot = training_snapshot(model, optimizer, ema, torch.device("cpu"))
+    return write_training_state(folder, snapshot, lr_scheduler=lr_scheduler, step=step,
+                                loader_state=loader_state, extra=extra)
+
+
+def write_training_state(folder: str | os.PathLike, snapshot: dict[str, Any], *, lr_scheduler: Any,
+                         step: int, loader_state: dict | None = None, extra: dict | None = None) -> Path:
+    """Write ``snapshot`` (:func:`.parallel.training_snapshot`) as a checkpoint folder (created);
+    ``COMPLETE`` goes last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap_model(model).state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in snapshot["weights"].items()}
     save_file(weights, folder / "model.safetensors")
-    if ema is not None:
-        save_file({k: v.cpu().contiguous() for k, v in ema.state_dict()["shadow"].items()},
-                  folder / "ema.safetensors")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    if snapshot["ema"] is not None:
+        save_file({k: v.cpu().contiguous() for k, v in snapshot["ema"].items()}, folder / "ema.safetensors")
+    torch.save(snapshot["optimizer"], folder / "optimizer.pt")
     state = {
         "step": int(step),
         "lr_scheduler": lr_scheduler.state_dict(),
         "loader": loader_state or {},
         "rng": rng_state(),
-        "ema": None if ema is None else {k: v for k, v in ema.state_dict().items() if k != "shadow"},
+        "ema": None if snapshot["ema"] is None else {"num_updates": snapshot["ema_updates"]},
+        "optimizer_format": snapshot["optimizer_format"],
         "extra": extra or {},
     }
     (folder / "state.json").write_text(json.dumps(state, default=partial(jsonable, strict=True)))
@@ -174,24 +190,57 @@ def restore_newest_good(latest: Any, siblings: Callable[[], list[Any]],
         candidates, listed = list(siblings()), True
 
 
-def load_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
-                        ema: Any = None, restore_rng: bool = True) -> dict[str, Any]:
-    """Restore what :func:`save_training_state` wrote; returns ``state.json`` (step, loader, ...).
+def read_training_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """Verify a checkpoint folder, then read it: ``{"weights", "ema", "ema_updates",
+    "optimizer", "optimizer_format", "state"}`` (``state`` is ``state.json``).
 
     Raises :class:`CorruptCheckpoint` (a ``ValueError``) for a folder that is incomplete or
-    does not match its manifest (:func:`verify_checkpoint`), before anything is loaded.
+    does not match its manifest (:func:`verify_checkpoint`).
     """
     folder = Path(folder)
     verify_checkpoint(folder)
-    unwrap_model(model).load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     state = json.loads((folder / "state.json").read_text())
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    has_ema = (folder / "ema.safetensors").is_file()
+    optimizer_format = state.get("optimizer_format", "torch")  # older checkpoints: torch's own
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise CorruptCheckpoint(f"checkpoint {folder}: unknown optimizer_format {optimizer_format!r}")
+    return {"weights": load_file(folder / "model.safetensors"),
+            "ema": load_file(folder / "ema.safetensors") if has_ema else None,
+            "ema_updates": (state.get("ema") or {}).get("num_updates", 0),
+            "optimizer": torch.load(folder / "optimizer.pt", weights_only=True),
+            "optimizer_format": optimizer_format, "state": state}
+
+
+def load_training_state(folder: str | os.PathLike, *, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
+                        ema: Any = None, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore what :func:`write_training_state` wrote; returns ``state.json`` (step, loader, ...).
+
+    ``model`` may be plain, DDP- or FSDP-wrapped (then every rank calls this: loading into
+    shards is a collective); the optimizer state loads whichever strategy wrote it. Raises
+    :class:`CorruptCheckpoint` (a ``ValueError``) for a folder that is incomplete or does not
+    match its manifest, before anything is loaded.
+    """
+    saved = read_training_state(folder)
+    if is_fsdp(model):
+        load_into_sharded(model, optimizer, ema, saved)
+    else:
+        unwrap_model(model).load_state_dict(saved["weights"], strict=True)
+        if optimizer is not None and saved["optimizer_format"] == "torch":
+            optimizer.load_state_dict(saved["optimizer"])
+        elif optimizer is not None:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(model, optimizer, saved["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        if ema is not None and saved["ema"] is not None:
+            ema.load_state_dict({"num_updates": saved["ema_updates"], "shadow": saved["ema"]})
+    state = saved["state"]
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if ema is not None and (folder / "ema.safetensors").is_file():
-        ema.load_state_dict({**(state.get("ema") or {}), "shadow": load_file(folder / "ema.safetensors")})
     if restore_rng:
         set_rng_state(state["rng"])
     return state

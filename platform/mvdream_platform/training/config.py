@@ -9,6 +9,7 @@ from ..config import build
 from ..diffusion import PREDICTION_TYPES
 from ..pipelines.loading import ModelConfig
 from .optim import LR_SCHEDULES
+from .parallel import PARALLEL_STRATEGIES
 from .samples import SampleConfig
 
 MIXED_PRECISION = ("no", "bf16")
@@ -69,6 +70,9 @@ class TrainerConfig:
     prediction_type: str = "epsilon"
     mixed_precision: str = "no"  # "bf16": autocast on GPU
     gradient_checkpointing: bool = False
+    # torch.compile the UNet (in place: checkpoints unchanged). On CPU, inductor needs a C++
+    # compiler; the first steps of each kind (multi-view, 2D) pay the compilation.
+    compile: bool = False
     checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -116,11 +120,17 @@ class ClusterConfig:
     backend: str = "gloo"  # gloo on CPU, nccl on GPUs
     torch_threads: int = 1  # per worker: oversubscribed OpenMP threads crawl on small machines
     placement_strategy: str = "PACK"
+    # ddp: a replica per worker; fsdp: parameters, gradients and AdamW state sharded across
+    # workers (training/parallel.py)
+    parallel_strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        if self.parallel_strategy not in PARALLEL_STRATEGIES:
+            raise ValueError(f"cluster.parallel_strategy must be one of {PARALLEL_STRATEGIES}, "
+                             f"got {self.parallel_strategy!r}")
         if self.num_workers < 0:
             raise ValueError(f"cluster.num_workers must be >= 0 (0 = in-process), got {self.num_workers}")
         if self.backend not in ("gloo", "nccl"):
@@ -163,6 +173,13 @@ class TrainJobConfig:
     # Test hook: SIGKILL one worker process at this step on the first attempt only, to prove
     # that a run survives losing a worker. Never set in real runs.
     crash_at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster.parallel_strategy == "fsdp" and self.trainer.preservation_weight > 0:
+            # ParameterPreservation keeps theta_0 and the distance per full parameter; under
+            # FSDP each rank holds shards. Not built yet: DreamBooth runs fit in DDP anyway.
+            raise ValueError("trainer.preservation_weight > 0 (DreamBooth) is not supported with "
+                             "cluster.parallel_strategy=fsdp yet; use ddp")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,9 +19,14 @@ EMA) and, with more than one worker, the summed wall time of the bucket all-redu
 (:mod:`.comm_timing`). On CUDA the timers synchronise the device; ``loss.item()`` already does
 once per micro-step, so this adds no new stall.
 
-DDP's ``find_unused_parameters`` is on: on 2D steps the camera MLP takes no part in the loss,
-and every rank runs the same kind of step (the mixture guarantees it), so those parameters
-simply get no gradient anywhere and AdamW leaves them untouched.
+``cluster.parallel_strategy`` picks DDP (the default) or FSDP (:mod:`.parallel`). DDP's
+``find_unused_parameters`` is on: on 2D steps the camera MLP takes no part in the loss, and every
+rank runs the same kind of step (the mixture guarantees it), so those parameters simply get no
+gradient anywhere and AdamW leaves them untouched. Under FSDP, gathering weights is a collective:
+checkpoints, sample grids and the final pipeline are gathered by every rank and written by rank
+0, and the all-reduce is not timed (FSDP reduce-scatters inside its own hooks).
+``trainer.compile`` compiles the UNet in place (``nn.Module.compile``: parameter names, and so
+checkpoints, stay those of the plain module).
 """
 
 from __future__ import annotations
@@ -40,11 +45,19 @@ import torch
 from .. import storage
 from ..diffusion import NoiseSchedule
 from ..pipelines.loading import build_pipeline
-from .checkpointing import load_training_state, restore_newest_good, save_training_state
+from .checkpointing import load_training_state, restore_newest_good, write_training_state
 from .comm_timing import attach_allreduce_timer
 from .config import TrainJobConfig
 from .losses import ParameterPreservation, diffusion_loss, drop_text
 from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm, unwrap_model
+from .parallel import (
+    drop_unused_gradients,
+    exported_weights,
+    is_fsdp,
+    parameter_ndims,
+    training_snapshot,
+    wrap_model,
+)
 from .samples import sample_grid
 
 log = logging.getLogger(__name__)
@@ -65,13 +78,12 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (also callable in-process with ``ray.train`` unavailable)."""
     import ray.train
-    import ray.train.torch
 
     cfg = TrainJobConfig.from_dict(config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, cfg.cluster.torch_threads))
-    device = ray.train.torch.get_device() if cfg.cluster.use_gpu else torch.device("cpu")
+    device = _device(cfg)
 
     # Every rank builds the same initial weights (seeded); a checkpoint then overrides them.
     pipe = build_pipeline(cfg.model, device="cpu", seed=cfg.trainer.seed)
@@ -83,33 +95,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     unet.train()
     if cfg.trainer.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.trainer.compile:
+        unet.compile()
     schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config)).to(device)
-    optimizer = build_optimizer(unet, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
-    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.trainer.warmup_steps,
-                                      total_steps=cfg.trainer.max_steps,
-                                      schedule=cfg.trainer.lr_schedule,
-                                      min_lr_ratio=cfg.trainer.min_lr_ratio)
-    ema = EMA(unet, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
     # theta_0 for DreamBooth's preservation loss: the starting weights, copied before any
     # checkpoint is restored.
     preservation = (ParameterPreservation(unet, cfg.trainer.preservation_weight, cfg.trainer.preservation_distance)
                     if cfg.trainer.preservation_weight > 0 else None)
+
+    # Wrap before the optimizer and EMA: FSDP replaces the parameters by views of its shards.
+    ndims = parameter_ndims(unet)
+    model = wrap_model(unet, cfg.cluster.parallel_strategy, world, device)
+    comm_timer = attach_allreduce_timer(model) if world > 1 and not is_fsdp(model) else None
+    optimizer = build_optimizer(model, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, ndims=ndims)
+    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps=cfg.trainer.warmup_steps,
+                                      total_steps=cfg.trainer.max_steps,
+                                      schedule=cfg.trainer.lr_schedule,
+                                      min_lr_ratio=cfg.trainer.min_lr_ratio)
+    ema = EMA(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a damaged newest checkpoint falls back to the newest intact one
         state, _ = restore_newest_good(
             checkpoint, lambda: run_checkpoints(cfg),
-            lambda folder: load_training_state(folder, model=unet, optimizer=optimizer,
+            lambda folder: load_training_state(folder, model=model, optimizer=optimizer,
                                                lr_scheduler=lr_scheduler, ema=ema))
         start_step = state["step"]
         log.info("rank %d resumed from step %d", rank, start_step)
-
-    model, comm_timer = unet, None
-    if world > 1:
-        model = ray.train.torch.prepare_model(
-            unet, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
-        comm_timer = attach_allreduce_timer(model)
 
     loader = make_loader(cfg, rank, world, start_micro_step=start_step * cfg.trainer.grad_accumulation)
     batches = iter(loader)
@@ -140,31 +153,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if preservation is not None:
             window.add_preservation(preservation.add_gradient())
         t3 = clock()
+        drop_unused_gradients(model)  # FSDP: as DDP, no gradient for what a step did not use
         grad_norm = clip_grad_norm(model, cfg.trainer.grad_clip)
         optimizer.step()
         lr_scheduler.step()
         if ema is not None:
-            ema.update(unet)
+            ema.update(model)
         window.add_step(optimizer_s=clock() - t3,
-                        allreduce_s=comm_timer.take()[0] if comm_timer is not None else 0.0)
+                        allreduce_s=comm_timer.take()[0] if comm_timer is not None else None)
 
         done = step + 1
         is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == cfg.trainer.max_steps
-        if rank == 0 and _sample_due(cfg, done):
+        if _sample_due(cfg, done) and (rank == 0 or is_fsdp(model)):
             # Sampling time is not training time: keep it out of this window's images/s.
-            window.start += _log_samples(cfg, pipe, model, ema, tracker, done, autocast)
+            window.start += _log_samples(cfg, pipe, model, ema, tracker, done, autocast, device)
         if done % cfg.trainer.log_every == 0 or is_checkpoint:
             metrics = window.flush(done, lr_scheduler.get_last_lr()[0], grad_norm, world)
             if tracker is not None:
                 tracker.log(metrics, step=done)
                 log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", done, cfg.trainer.max_steps,
                          metrics["loss"], metrics["lr"], metrics["images_per_s"])
-            _report(metrics, done, is_checkpoint, rank, unet, optimizer, lr_scheduler, ema, loader)
+            _report(metrics, done, is_checkpoint, rank, model, optimizer, lr_scheduler, ema, loader, device)
 
+    final = _exported_unet(pipe.unet, model, ema, device)  # a collective under FSDP
     if rank == 0:
-        _write_final_pipeline(cfg, pipe, unet, ema)
+        _write_final_pipeline(cfg, pipe, final)
         if tracker is not None:
             tracker.finish()
+
+
+def _device(cfg: TrainJobConfig) -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device() if cfg.cluster.use_gpu else torch.device("cpu")
 
 
 def _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator, device, autocast):
@@ -217,15 +238,22 @@ def _sample_due(cfg: TrainJobConfig, step: int) -> bool:
     return every > 0 and (step % every == 0 or step == cfg.trainer.max_steps)
 
 
-def _log_samples(cfg: TrainJobConfig, pipe, model, ema, tracker, step: int, autocast) -> float:
-    """Rank 0: the sample grid for the held-out captions, to W&B and tracking/media; seconds."""
+def _log_samples(cfg: TrainJobConfig, pipe, model, ema, tracker, step: int, autocast, device) -> float:
+    """Rank 0: the sample grid for the held-out captions, to W&B and tracking/media; seconds.
+    Under FSDP every rank calls it (gathering the weights is a collective)."""
+    start = time.perf_counter()
+    if is_fsdp(model):
+        plain = _exported_unet(pipe.unet, model, ema, device)
+        sampler, ema = _PlainUNet(pipe, plain), None
+    else:
+        sampler = contextlib.nullcontext(model)
     if tracker is None:
-        return 0.0
+        return time.perf_counter() - start
     captions = cfg.samples.resolved_captions()
     guidance = cfg.samples.guidance_scale or cfg.model.guidance_scale or 7.5
-    start = time.perf_counter()
-    grid = sample_grid(pipe, model, ema, cfg.samples, captions, guidance,
-                       resolution=cfg.data.resolution, autocast=autocast)
+    with sampler as sampled:
+        grid = sample_grid(pipe, sampled, ema, cfg.samples, captions, guidance,
+                           resolution=cfg.data.resolution, autocast=autocast)
     tracker.log_images("samples", grid, captions=[" | ".join(captions)], step=step)
     seconds = time.perf_counter() - start
     log.info("step %d: sample grid for %d held-out captions in %.1f s", step, len(captions), seconds)
@@ -276,11 +304,14 @@ class _Window:
         """DreamBooth's preservation term of one optimizer step."""
         self.preservation.append(value)
 
-    def add_step(self, optimizer_s: float, allreduce_s: float) -> None:
-        """One optimizer step (after its micro-batches)."""
+    def add_step(self, optimizer_s: float, allreduce_s: float | None) -> None:
+        """One optimizer step (after its micro-batches); ``allreduce_s`` None: not timed."""
         self.steps += 1
         self.seconds["optimizer"] += optimizer_s
-        self.seconds["allreduce"] += allreduce_s
+        if allreduce_s is None:
+            self.seconds["allreduce"] = None
+        elif self.seconds["allreduce"] is not None:
+            self.seconds["allreduce"] += allreduce_s
 
     def flush(self, step: int, lr: float, grad_norm: float, world: int) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.start, 1e-9)
@@ -301,22 +332,26 @@ class _Window:
             metrics["preservation_loss"] = sum(self.preservation) / len(self.preservation)
         # Per optimizer step, this rank's view; sampling and reporting time is not in any phase.
         for phase, total in self.seconds.items():
-            metrics[f"{phase}_time_s"] = total / max(self.steps, 1)
+            if total is not None:
+                metrics[f"{phase}_time_s"] = total / max(self.steps, 1)
         if torch.cuda.is_available():
             metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         self.reset()
         return metrics
 
 
-def _report(metrics, step, is_checkpoint, rank, unet, optimizer, lr_scheduler, ema, loader) -> None:
+def _report(metrics, step, is_checkpoint, rank, model, optimizer, lr_scheduler, ema, loader, device) -> None:
     """Every worker reports (Ray Train's barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
+    snapshot = None
+    if is_checkpoint and (rank == 0 or is_fsdp(model)):  # gathering is a collective under FSDP
+        snapshot = training_snapshot(model, optimizer, ema, device)
     with tempfile.TemporaryDirectory(prefix="mvdream-ckpt-") as folder:
         checkpoint = None
-        if is_checkpoint and rank == 0:
-            save_training_state(folder, model=unet, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                step=step, ema=ema, loader_state=_loader_state(loader))
+        if snapshot is not None and rank == 0:
+            write_training_state(folder, snapshot, lr_scheduler=lr_scheduler, step=step,
+                                 loader_state=_loader_state(loader))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -328,11 +363,42 @@ def _loader_state(loader) -> dict:
         return {}
 
 
-def _write_final_pipeline(cfg: TrainJobConfig, pipe, unet, ema) -> None:
-    """The trained model as an MVDreamPipeline folder at ``<run>/pipeline`` (EMA weights if on)."""
-    final = unwrap_model(unet)
-    if ema is not None:
-        ema.copy_to(final)
+def _exported_unet(unet, model, ema, device):
+    """The UNet the run exports, with the EMA weights when EMA is on. Plain / DDP: ``unet``
+    itself, the average copied in (the end of training). FSDP: every rank gathers the full
+    weights; rank 0 gets them in a fresh copy of ``unet`` (the others get None)."""
+    if not is_fsdp(model):
+        final = unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(final)
+        return final
+    import torch.distributed as dist
+
+    weights = exported_weights(model, ema, device)
+    if dist.get_rank() != 0:
+        return None
+    final = type(unet).from_config(unet.config)
+    final.load_state_dict(weights)
+    return final.to(device)
+
+
+class _PlainUNet:
+    """``with _PlainUNet(pipe, unet) as unet:`` the pipeline samples with ``unet``, then gets
+    its own back (FSDP's module cannot run a forward on one rank alone)."""
+
+    def __init__(self, pipe, unet):
+        self.pipe, self.unet, self.kept = pipe, unet, None
+
+    def __enter__(self):
+        self.kept, self.pipe.unet = self.pipe.unet, self.unet
+        return self.unet
+
+    def __exit__(self, *exc) -> None:
+        self.pipe.unet = self.kept
+
+
+def _write_final_pipeline(cfg: TrainJobConfig, pipe, final) -> None:
+    """The trained model as an MVDreamPipeline folder at ``<run>/pipeline``."""
     pipe.unet = final.eval()
     with tempfile.TemporaryDirectory(prefix="mvdream-final-") as folder:
         pipe.save_pretrained(folder)

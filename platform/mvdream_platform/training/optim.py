@@ -8,6 +8,7 @@ DistributedDataParallel: anything that keeps per-parameter state keys it by the 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "clip_grad_norm",
     "ema_decay",
     "maybe_no_sync",
+    "plain_name",
     "unwrap_model",
 ]
 
@@ -41,6 +43,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+_FSDP_PREFIX = re.compile(r"(^|\.)_fsdp_wrapped_module\.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain module: FSDP inserts ``_fsdp_wrapped_module.`` at every
+    wrapped block (its ``use_orig_params`` parameters are otherwise the module's own)."""
+    return _FSDP_PREFIX.sub(r"\1", name)
+
+
+def _named_trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, param in unwrap_model(model).named_parameters():
+        if param.requires_grad:
+            yield plain_name(name), param
+
+
 # ---------------------------------------------------------------------- optimizer
 def build_optimizer(
     model: nn.Module,
@@ -48,6 +65,7 @@ def build_optimizer(
     weight_decay: float = 0.01,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    ndims: dict[str, int] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, without weight decay on biases and norm scales.
 
@@ -57,16 +75,18 @@ def build_optimizer(
     the split is by dimension.
 
     Args:
-        model: the model (DDP-wrapped or not); frozen parameters (``requires_grad=False``)
-            are left out.
+        model: the model (DDP- or FSDP-wrapped or not); frozen parameters
+            (``requires_grad=False``) are left out.
+        ndims: each parameter's dimensionality in the plain module, by name; needed under FSDP,
+            whose parameters are flat 1-D shards (:func:`.parallel.parameter_ndims`).
     Returns:
         ``AdamW`` with two param groups named ``"decay"`` and ``"no_decay"`` (empty ones
         omitted).
     """
     decay, no_decay = [], []
-    for param in unwrap_model(model).parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+    for name, param in _named_trainable(model):
+        ndim = param.ndim if ndims is None else ndims[name]
+        (decay if ndim >= 2 else no_decay).append(param)
     groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
@@ -155,9 +175,12 @@ class EMA:
 
     @staticmethod
     def _trainable(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, param in unwrap_model(model).named_parameters():
-            if param.requires_grad:
-                yield name, param
+        return _named_trainable(model)
+
+    @torch.no_grad()
+    def reset_from(self, model: nn.Module) -> None:
+        """Make the model's current parameters the average (under FSDP: this rank's shards)."""
+        self.shadow = {name: p.detach().float().clone() for name, p in self._trainable(model)}
 
     def _pairs(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, nn.Parameter]]:
         for name, param in self._trainable(model):
@@ -229,8 +252,13 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
     ``max_norm <= 0`` disables clipping but still returns the norm (worth logging). With a
     fp16 ``GradScaler``, call ``scaler.unscale_(optimizer)`` first. A non-finite result means
-    the step should be skipped.
+    the step should be skipped. Under FSDP the norm is the global one (FSDP's own
+    ``clip_grad_norm_`` reduces the shards' norms across ranks).
     """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return float(model.clip_grad_norm_(max_norm if max_norm > 0 else float("inf")))
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
