@@ -1,8 +1,11 @@
 """Optimisation pieces of the training loop: AdamW groups, warmup/cosine LR, EMA, clipping.
 
 Each is a small function or class over plain ``torch`` objects, usable with or without
-DistributedDataParallel: anything that keeps per-parameter state keys it by the names of the
-*unwrapped* model, so a state saved from a DDP run loads into a plain model and back.
+DistributedDataParallel or FSDP: anything that keeps per-parameter state keys it by the names
+of the *unwrapped* model, so a state saved from a DDP run loads into a plain model and back.
+Under FSDP (``use_orig_params``) each parameter is this rank's flat shard of it: the EMA then
+averages shards (elementwise, so nothing changes), and checkpoints gather them
+(:mod:`.parallel`).
 """
 
 from __future__ import annotations
