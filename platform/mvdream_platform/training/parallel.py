@@ -14,10 +14,13 @@ with the same arguments ourselves: torch's FSDP runs on CPU over gloo.
 
 Checkpoints keep one format whatever the strategy: the full (unsharded) weights and EMA under
 the plain module's parameter names. Under FSDP every rank takes part in gathering them
-(:func:`full_training_state`) and rank 0 writes them; the optimizer state is saved keyed by
+(:func:`training_snapshot`) and rank 0 writes them; the optimizer state is saved keyed by
 parameter name (torch.distributed.checkpoint's full optimizer state dict), which loads under
 either strategy. A DDP checkpoint's optimizer state (torch's own, keyed by position) is
-translated on the way in (:func:`restore_sharded`), so a run can switch strategy on resume.
+translated on the way in (:func:`load_into_sharded`), so a run can switch strategy on resume.
+
+Tested on CPU over gloo (tests/test_training_parallel.py, tests/test_train_job.py). The CUDA
+path (Ray's wrapper, NCCL, ``cpu_offload`` gathering) has not run on a GPU yet.
 """
 
 from __future__ import annotations
