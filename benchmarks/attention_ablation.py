@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--names", nargs="+", default=["ablation-3d", "ablation-temporal", "ablation-2d"])
     parser.add_argument("--num-objects", type=int, default=40)
     parser.add_argument("--sets", type=int, default=200, help="consistency: 4-view sets per kind and arm")
+    parser.add_argument("--kinds", nargs="+", default=None,
+                        help="consistency kinds (default: all of colour, layout, marker)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--grids", default="outputs/ablation")
@@ -88,7 +90,8 @@ def main() -> None:
     torch.set_num_threads(2)
     settings = EvalSettings(num_objects=args.num_objects, steps=args.steps,
                             guidance_scale=args.guidance_scale)
-    consistency = ConsistencySettings(sets=args.sets, steps=args.steps, guidance_scale=args.guidance_scale)
+    consistency = ConsistencySettings(sets=args.sets, steps=args.steps, guidance_scale=args.guidance_scale,
+                                      **({"kinds": tuple(args.kinds)} if args.kinds else {}))
     rows = []
     for name in args.names:
         rows.append(score(name, Path(args.runs) / name, settings, consistency, Path(args.grids)))
@@ -109,6 +112,7 @@ def main() -> None:
               + f" | {r['colour_accuracy']:.1%} | {r['mean_iou']:.3f} |")
     record = {"benchmark": "attention_ablation", "date": time.strftime("%Y-%m-%d"),
               "settings": {"num_objects": args.num_objects, "consistency_sets": args.sets,
+                           "consistency_kinds": list(consistency.kinds),
                            "steps": args.steps, "guidance_scale": args.guidance_scale,
                            "views": settings.num_views, "elevation": settings.elevation},
               "runs": rows}

@@ -159,8 +159,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler.step()
         if ema is not None:
             ema.update(model)
-        window.add_step(optimizer_s=clock() - t3,
-                        allreduce_s=comm_timer.take()[0] if comm_timer is not None else None)
+        # the all-reduce: timed under DDP, none with one worker, not timed under FSDP
+        allreduce_s = comm_timer.take()[0] if comm_timer is not None else (None if is_fsdp(model) else 0.0)
+        window.add_step(optimizer_s=clock() - t3, allreduce_s=allreduce_s)
 
         done = step + 1
         is_checkpoint = done % cfg.trainer.checkpoint_every == 0 or done == cfg.trainer.max_steps
