@@ -133,10 +133,8 @@ def training_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, ema: E
 
 
 def _gathered_average(model: nn.Module, ema: EMA, device: torch.device) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    with ema.swapped(model):  # the shards of the average, gathered as if they were weights
-        gathered = get_model_state_dict(model, options=_full(device))
+    """Collective: the EMA's shards gathered as if they were weights, by name, in float32."""
+    gathered = exported_weights(model, ema, device)
     return {name: gathered[name].float() for name in ema.shadow if name in gathered}
 
 
