@@ -450,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-objects", type=int, default=64, help="train: largest batch tried (objects)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--train-json", type=Path,
+                        help="ray_train: compare with this earlier run's train part instead of measuring it again")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak, if the GPU is not in the table")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--requests", type=int, default=32)
@@ -494,10 +496,12 @@ def main(argv: list[str] | None = None) -> dict:
         from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
 
         plain = None
-        if {"train", "ray_train", "sds"} & set(args.parts):
+        if args.train_json is not None:  # an earlier call's plain-loop figures (the device's
+            plain = json.loads(args.train_json.read_text())["parts"]["train"]  # first call)
+        if {"train", "sds"} & set(args.parts) or ("ray_train" in args.parts and plain is None):
             pipe = build_pipeline(ModelConfig(**model_values(folder)), device=device)
             pipe.set_progress_bar_config(disable=True)
-            if "train" in args.parts or "ray_train" in args.parts:
+            if "train" in args.parts or ("ray_train" in args.parts and args.train_json is None):
                 plain = part_train(pipe, device, args, shape)
                 save("train", plain)
             if "sds" in args.parts:

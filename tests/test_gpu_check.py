@@ -36,10 +36,17 @@ def test_sd_folder_loads_as_an_sd21_shaped_multiview_pipeline(sd_folder):
     assert gpu_check.FULL["unet_channels"] == (320, 640, 1280, 1280)  # SD 2.1-base's
 
 
-def test_train_and_sds_parts_measure_and_write_json(sd_folder, tmp_path):
-    out = tmp_path / "gpu.json"
+@pytest.fixture(scope="module")
+def first_call(sd_folder, tmp_path_factory) -> tuple[dict, Path]:
+    """The device's first call: the parts that need no Ray."""
+    out = tmp_path_factory.mktemp("gpu-check-out") / "gpu.json"
     record = gpu_check.main(["--smoke", "--parts", "train", "sds", "--model", str(sd_folder),
                              "--out", str(out)])
+    return record, out
+
+
+def test_train_and_sds_parts_measure_and_write_json(first_call):
+    record, out = first_call
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     train = record["parts"]["train"]
     assert train["resolution"] == 64 and not train["bf16_autocast"]
@@ -61,15 +68,21 @@ def test_train_and_sds_parts_measure_and_write_json(sd_folder, tmp_path):
     assert sds["projected_10k_steps_min"] == pytest.approx(expected, abs=0.1)
 
 
-def test_ray_train_and_serve_parts_run_the_real_job_and_endpoint(sd_folder, tmp_path):
+def test_ray_train_and_serve_parts_run_the_real_job_and_endpoint(sd_folder, first_call, tmp_path):
+    """The device's second call: compared with the first call's plain loop, not measured again."""
+    train = first_call[0]["parts"]["train"]
     try:
         record = gpu_check.main(["--smoke", "--parts", "ray_train", "serve", "--model", str(sd_folder),
-                                 "--work", str(tmp_path), "--out", str(tmp_path / "gpu.json")])
+                                 "--train-json", str(first_call[1]), "--work", str(tmp_path),
+                                 "--out", str(tmp_path / "gpu.json")])
     finally:
         shutdown_ray()
+    assert "train" not in record["parts"]
     job = record["parts"]["ray_train"]
-    assert job["images_per_s"] > 0 and job["ray_over_plain"] > 0
-    assert job["objects"] == record["parts"]["train"]["best"]["objects"]
+    assert job["images_per_s"] > 0
+    assert job["objects"] == train["best"]["objects"]
+    assert job["plain_images_per_s"] == train["best"]["images_per_s"]
+    assert job["ray_over_plain"] == pytest.approx(job["images_per_s"] / job["plain_images_per_s"], abs=1e-3)
     assert (tmp_path / "runs" / "gpu-check" / "pipeline").is_dir()  # the job finished and exported
     serve = record["parts"]["serve"]
     assert set(serve["runs"]) == {"1", "2"}
