@@ -64,7 +64,8 @@ def score(name: str, run: Path, settings: EvalSettings, consistency: Consistency
     storage.write_json(grids / name / "consistency.json", agreement.to_json())
     for kind, image in samples.items():
         storage.write_bytes(grids / name / f"consistency_{kind}.png", storage.encode_png(image))
-    return {"run": name, "attention_mode": mode, **training_record(run, tail_steps=100),
+    return {"run": name, "attention_mode": mode, "camera_mode": pipe.unet.config.camera_mode,
+            **training_record(run, tail_steps=100),
             "consistency": {kind: {"rates": k.rates, "intervals": k.intervals, "margin": k.margin,
                                    "margin_interval": k.margin_interval, "object_views": k.object_views}
                             for kind, k in agreement.kinds.items()},

@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
             began = time.perf_counter()
             folder = write_sd_folder(tmp / "sd21_random", shape)
             record["model_write_s"] = round(time.perf_counter() - began, 1)
-        from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
+        from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline, cast_components
 
         plain = None
         if args.train_json is not None:  # an earlier call's plain-loop figures (the device's
@@ -506,8 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
                 save("train", plain)
             if "sds" in args.parts:
                 pipe.unet.eval()
-                if device.type == "cuda":
-                    pipe = pipe.to(dtype=torch.bfloat16)
+                if device.type == "cuda":  # the prior in bf16, as Serve's model.dtype=bfloat16
+                    cast_components(pipe, torch.bfloat16)
                 save("sds", part_sds(pipe, device, args, shape))
             del pipe
             if device.type == "cuda":
