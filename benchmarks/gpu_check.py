@@ -51,12 +51,13 @@ import os
 import socket
 import statistics
 import string
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from bench_sds import synchronizer  # benchmarks/ is on sys.path: as a script, and in tests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -139,11 +140,6 @@ def peak_flops(device: torch.device, override: float | None) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------- part 1: train
 
 
@@ -161,6 +157,7 @@ class TrainStep:
         self.optimizer = build_optimizer(self.unet, lr=1e-5, weight_decay=0.01,
                                          ndims=parameter_ndims(self.unet))
         self.autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.sync = synchronizer(device)
 
     def inputs(self, objects: int, size: int, seed: int) -> tuple:
         from mvdream_platform.cameras import get_camera
@@ -171,21 +168,22 @@ class TrainStep:
         return images, [PROMPT] * (objects * FRAMES), cameras
 
     def __call__(self, images, captions, cameras, flops=None) -> dict[str, float]:
-        """One step; seconds per phase (and FLOPs per phase when ``flops`` is a counter)."""
+        """One step: seconds per phase. With ``flops`` (a FlopCounterMode) the step runs under
+        it and ``flops_by_phase`` receives each phase's FLOPs."""
         from mvdream_platform.training.losses import diffusion_loss
 
-        counted = flops if flops is not None else contextlib.nullcontext()
-        times, marks = {}, [time.perf_counter()]
+        times, marks, counted = {}, [time.perf_counter()], [0]
+        self.flops_by_phase = {}
 
         def mark(name: str) -> None:
-            sync(self.device)
+            self.sync()
             marks.append(time.perf_counter())
             times[name] = marks[-1] - marks[-2]
             if flops is not None:
-                times[f"{name}_flops"] = flops.get_total_flops() - sum(
-                    v for k, v in times.items() if k.endswith("_flops"))
+                counted.append(flops.get_total_flops())
+                self.flops_by_phase[name] = counted[-1] - counted[-2]
 
-        with counted:
+        with flops if flops is not None else contextlib.nullcontext():
             with torch.no_grad():
                 context = self.pipe.text_encoder.encode(captions).to(self.device)
                 x0 = self.pipe.codec.encode(images)
@@ -223,9 +221,8 @@ def count_flops(step: TrainStep, size: int) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     images, captions, cameras = step.inputs(1, size, seed=0)
-    counter = FlopCounterMode(display=False)
-    times = step(images, captions, cameras, flops=counter)
-    return {k[:-6]: v / FRAMES for k, v in times.items() if k.endswith("_flops")}
+    step(images, captions, cameras, flops=FlopCounterMode(display=False))
+    return {phase: count / FRAMES for phase, count in step.flops_by_phase.items()}
 
 
 def part_train(pipe, device: torch.device, args, shape: dict) -> dict:
@@ -366,7 +363,7 @@ def part_sds(pipe, device: torch.device, args, shape: dict) -> dict:
     if args.smoke:
         stages = (("64px_albedo", 16, 2, "albedo", 5000), ("256px_lit", 32, 1, "diffuse", 5000))
         cfg = dataclasses.replace(cfg, render=dataclasses.replace(cfg.render, num_samples_per_ray=16))
-    sync_fn = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync_fn = synchronizer(device)
     guidance = MultiViewGuidance(pipe, cfg.guidance)
     unet_timer = TimedCall(guidance.predict_eps, sync_fn)
     guidance.predict_eps = unet_timer
@@ -466,7 +463,6 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cpu" and not args.smoke:
         parser.error("no CUDA device: run with --smoke for the CPU plumbing check")
     shape = SMOKE if args.smoke else FULL
-    sys.path.insert(0, str(HERE))  # bench_sds, bench_serve, machine_info
     from machine_info import describe
 
     record = {"benchmark": "gpu_check", "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke,

@@ -87,7 +87,8 @@ def test_ray_train_and_serve_parts_run_the_real_job_and_endpoint(sd_folder, firs
     serve = record["parts"]["serve"]
     assert set(serve["runs"]) == {"1", "2"}
     assert serve["runs"]["1"]["mean_batch_size"] == 1
-    assert 1 <= serve["runs"]["2"]["mean_batch_size"] <= 2
+    # two clients against max_batch_size=2: the batcher serves them together, not one by one
+    assert serve["runs"]["2"]["mean_batch_size"] > 1
     assert serve["throughput_2_over_1"] > 0
 
 
