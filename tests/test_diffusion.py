@@ -12,6 +12,7 @@ from mvdream_platform.diffusion import (
     NoiseSchedule,
     add_noise,
     check_prediction_type,
+    check_terminal_snr,
     eps_from_prediction,
     target,
     x0_from_eps,
@@ -103,6 +104,16 @@ def test_float_and_tensor_abar_give_the_same_algebra():
         torch.testing.assert_close(eps_from_prediction(prediction, x_t, abar, kind), eps,
                                    atol=1e-5, rtol=0)
     assert target(x0, eps, abar, "sample") is x0 and target(x0, eps, abar, "epsilon") is eps
+
+
+def test_zero_terminal_snr_needs_a_v_or_x0_model():
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+              "rescale_betas_zero_snr": True}
+    assert NoiseSchedule.from_scheduler_config(config).abar_at(999) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="needs prediction_type v_prediction"):
+        check_terminal_snr(config, "epsilon")
+    check_terminal_snr(config, "v_prediction")
+    check_terminal_snr(dict(config, rescale_betas_zero_snr=False), "epsilon")
 
 
 def test_unknown_prediction_types_are_refused_everywhere():

@@ -132,6 +132,23 @@ def test_any_diffusers_scheduler_can_be_swapped_in():
     assert images.shape == (1, 4, 8, 8, 3) and np.isfinite(images).all()
 
 
+def test_a_zero_terminal_snr_v_model_samples_from_pure_noise():
+    """conf/model/tiny_init.yaml's zero-SNR option: the first DDIM step is t = T - 1 (abar = 0)."""
+    from mvdream_platform.pipelines.loading import SD_SCHEDULER, ModelConfig, build_pipeline
+
+    from conftest import tiny_pixel_unet_config
+
+    scheduler = dict(SD_SCHEDULER, rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                     prediction_type="v_prediction")
+    pipe = build_pipeline(ModelConfig(name="zsnr", source="init", unet=tiny_pixel_unet_config(),
+                                      text_encoder={"kind": "minilm", "max_length": 8},
+                                      scheduler=scheduler), seed=0)
+    images = _run(pipe, num_inference_steps=4).images
+    assert int(pipe.scheduler.timesteps[0]) == 999
+    assert float(pipe.scheduler.alphas_cumprod[999]) < 1e-9
+    assert images.shape == (1, 4, 8, 8, 3) and np.isfinite(images).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -151,6 +151,9 @@ def test_bad_training_config_is_rejected_by_name(tmp_path):
     with pytest.raises(ValueError, match="trainer.prediction_type"):
         job.run(compose("train", TINY + ["data.uri=x", "trainer.prediction_type=x0",
                                          f"run.storage_path={tmp_path}"]))
+    with pytest.raises(ValueError, match="zero-terminal-SNR .* needs prediction_type v_prediction"):
+        job.run(compose("train", TINY + ["data.uri=x", "model.scheduler.rescale_betas_zero_snr=true",
+                                         f"run.storage_path={tmp_path}"]))
     with pytest.raises(ValueError, match="data.p_multiview"):
         job.run(compose("train", TINY + ["data.uri=x", "data.p_multiview=1.5",
                                          f"run.storage_path={tmp_path}"]))

@@ -31,6 +31,7 @@ __all__ = [
     "NoiseSchedule",
     "add_noise",
     "check_prediction_type",
+    "check_terminal_snr",
     "eps_from_prediction",
     "min_snr_weight",
     "target",
@@ -51,6 +52,19 @@ def check_prediction_type(prediction_type: str) -> str:
             f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
         )
     return prediction_type
+
+
+def check_terminal_snr(scheduler_config: Mapping[str, Any], prediction_type: str) -> None:
+    """Refuse an eps model on a zero-terminal-SNR schedule (``rescale_betas_zero_snr``).
+
+    With abar_T = 0 the last training step shows pure noise, where eps = x_T: an eps model
+    learns nothing there, and its sampler's x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+    divides by zero (Lin et al. 2024 train such schedules with v prediction).
+    """
+    if scheduler_config.get("rescale_betas_zero_snr") and prediction_type == "epsilon":
+        raise ValueError("a zero-terminal-SNR schedule (scheduler rescale_betas_zero_snr=true) needs "
+                         "prediction_type v_prediction (or sample), got epsilon: set "
+                         "trainer.prediction_type=v_prediction")
 
 
 def _sqrt(value: Abar) -> Abar:

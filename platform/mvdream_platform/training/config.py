@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import build
-from ..diffusion import PREDICTION_TYPES
+from ..diffusion import PREDICTION_TYPES, check_terminal_snr
 from ..pipelines.loading import ModelConfig
 from .optim import LR_SCHEDULES
 from .parallel import PARALLEL_STRATEGIES
@@ -175,6 +175,8 @@ class TrainJobConfig:
     crash_at_step: int | None = None
 
     def __post_init__(self) -> None:
+        # A saved model's scheduler is checked again once loaded (training/loop.py).
+        check_terminal_snr(self.model.scheduler or {}, self.trainer.prediction_type)
         if self.cluster.parallel_strategy == "fsdp" and self.trainer.preservation_weight > 0:
             # ParameterPreservation keeps theta_0 and the distance per full parameter; under
             # FSDP each rank holds shards. Not built yet: DreamBooth runs fit in DDP anyway.

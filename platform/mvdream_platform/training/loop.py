@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from .. import storage
-from ..diffusion import NoiseSchedule
+from ..diffusion import NoiseSchedule, check_terminal_snr
 from ..pipelines.loading import build_pipeline
 from .checkpointing import load_training_state, restore_newest_good, write_training_state
 from .comm_timing import attach_allreduce_timer
@@ -97,6 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         unet.enable_gradient_checkpointing()
     if cfg.trainer.compile:
         unet.compile()
+    check_terminal_snr(pipe.scheduler.config, cfg.trainer.prediction_type)
     schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config)).to(device)
     # theta_0 for DreamBooth's preservation loss: the starting weights, copied before any
     # checkpoint is restored.
