@@ -85,6 +85,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     schedule = NoiseSchedule.from_scheduler_config(dict(scheduler.config))
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    for t in args.timesteps:
+        if schedule.abar_at(t) <= 0.0:
+            raise ValueError(f"abar_t = 0 at t = {t} (zero terminal SNR): x0 cannot be formed "
+                             f"from eps there; pass timesteps below {t}")
     keys = ("camera_turned", "marker_colour", "no_camera")
     effects = {space: {k: [] for k in keys} for space in ("eps", "x0")}
     per_t = {space: {t: {k: [] for k in keys} for t in args.timesteps} for space in effects}
@@ -96,9 +100,6 @@ def main() -> None:
         embeds = {k: pipe.encode_prompts([v], views) for k, v in texts.items()}
         for t in args.timesteps:
             abar = schedule.abar_at(t)
-            if abar <= 0.0:
-                raise ValueError(f"abar_t = 0 at t = {t} (zero terminal SNR): x0 cannot be formed "
-                                 f"from eps there; pass timesteps below {t}")
             noise = torch.randn(x0.shape, generator=generator)
             x_t = scheduler.add_noise(x0, noise, torch.tensor([t]))
             timestep = torch.full((views,), t)

@@ -37,7 +37,11 @@ from scipy.stats import norm
 
 from mvdream_platform.data.shapes import build_mesh
 from mvdream_platform.diffusion import NoiseSchedule
-from mvdream_platform.evaluation.consistency import ConsistencySettings, consistency_objects, render_truth
+from mvdream_platform.evaluation.consistency import (
+    ConsistencySettings,
+    consistency_objects,
+    render_truth,
+)
 from mvdream_platform.pipelines.loading import SD_SCHEDULER
 
 from machine_info import describe
