@@ -16,6 +16,7 @@ from mvdream_platform.diffusion import (
     eps_from_prediction,
     target,
     x0_from_eps,
+    x0_from_prediction,
 )
 
 SD_SCHEDULE = dict(
@@ -89,6 +90,19 @@ def test_v_and_x0_predicting_models_are_converted_to_eps():
     torch.testing.assert_close(eps_from_prediction(v, x_t, abar, "v_prediction"), eps)
     torch.testing.assert_close(eps_from_prediction(x0, x_t, abar, "sample"), eps)
     assert eps_from_prediction(eps, x_t, abar, "epsilon") is eps
+
+
+@pytest.mark.parametrize("abar", [0.4, 0.0])
+def test_every_parameterisation_gives_back_x0_and_only_eps_fails_at_zero_snr(abar):
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x_t = add_noise(x0, eps, abar)
+    for kind in ("v_prediction", "sample") + (("epsilon",) if abar > 0 else ()):
+        torch.testing.assert_close(x0_from_prediction(target(x0, eps, abar, kind), x_t, abar, kind), x0)
+    if abar == 0.0:
+        with pytest.raises(ValueError, match="undefined at abar = 0"):
+            x0_from_prediction(eps, x_t, abar, "epsilon")
+        with pytest.raises(ValueError, match="undefined at abar = 0"):
+            x0_from_prediction(eps, x_t, torch.zeros(2, 1, 1, 1), "epsilon")
 
 
 def test_float_and_tensor_abar_give_the_same_algebra():

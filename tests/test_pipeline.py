@@ -149,6 +149,24 @@ def test_a_zero_terminal_snr_v_model_samples_from_pure_noise():
     assert images.shape == (1, 4, 8, 8, 3) and np.isfinite(images).all()
 
 
+def test_scheduler_keys_given_for_a_saved_pipeline_replace_its_own(tmp_path):
+    """model=tiny +model.scheduler...: a trained eps model becomes a zero-SNR v model to fine-tune;
+    without keys the saved scheduler is kept as it is (not SD's defaults)."""
+    from mvdream_platform.pipelines.loading import ModelConfig, build_pipeline
+
+    pipe = make_tiny_pipeline()
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, clip_sample=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    kept = build_pipeline(ModelConfig(source="pipeline", path=str(tmp_path / "pipe")))
+    assert kept.scheduler.config.clip_sample is True
+    assert not kept.scheduler.config.rescale_betas_zero_snr
+    turned = build_pipeline(ModelConfig(source="pipeline", path=str(tmp_path / "pipe"), scheduler={
+        "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}))
+    assert turned.scheduler.config.rescale_betas_zero_snr and turned.scheduler.config.clip_sample is True
+    assert turned.scheduler.config.prediction_type == "v_prediction"
+    assert float(turned.scheduler.alphas_cumprod[-1]) < 1e-9
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

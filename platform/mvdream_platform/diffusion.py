@@ -37,6 +37,7 @@ __all__ = [
     "target",
     "velocity",
     "x0_from_eps",
+    "x0_from_prediction",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -96,6 +97,20 @@ def eps_from_prediction(prediction: torch.Tensor, x_t: torch.Tensor, abar: Abar,
     if prediction_type == "v_prediction":
         return _sqrt(abar) * prediction + _sqrt(1.0 - abar) * x_t
     return (x_t - _sqrt(abar) * prediction) / _sqrt(1.0 - abar)
+
+
+def x0_from_prediction(prediction: torch.Tensor, x_t: torch.Tensor, abar: Abar,
+                       prediction_type: str) -> torch.Tensor:
+    """The model's output (eps, v or x0) -> its x0; defined at abar = 0 for v (x0 = -v) and x0
+    models, where an eps model's x0 is not (it raises)."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "v_prediction":
+        return _sqrt(abar) * x_t - _sqrt(1.0 - abar) * prediction
+    if prediction_type == "sample":
+        return prediction
+    if (abar <= 0.0) if isinstance(abar, float) else bool((abar <= 0.0).any()):
+        raise ValueError("an eps model's x0 is undefined at abar = 0 (zero terminal SNR)")
+    return x0_from_eps(x_t, prediction, abar)
 
 
 def target(x0: torch.Tensor, noise: torch.Tensor, abar: Abar, prediction_type: str) -> torch.Tensor:

@@ -63,7 +63,10 @@ class ModelConfig:
     attention_mode: str | None = None  # None keeps the saved mode (3d for new models)
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"kind": "minilm"})
     codec: str = "pixel"
-    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULER))
+    # New models (init, sd): the DDIM scheduler's arguments (None: SD's training schedule).
+    # A saved pipeline keeps its own scheduler; keys given here replace its values (e.g. turning
+    # a trained eps model into a zero-terminal-SNR v model to fine-tune: checkpoints/README.md).
+    scheduler: dict[str, Any] | None = None
     dtype: str = "float32"
     trained: bool = False  # informational: False makes jobs say the model is untrained
     # Recommended sampling settings for this model (jobs default to them): a 4.6M-parameter
@@ -112,6 +115,8 @@ def build_pipeline(config: ModelConfig, device: str | torch.device = "cpu", seed
     """
     if config.source == "pipeline":
         pipe = MVDreamPipeline.from_pretrained(resolve_model_dir(config.path))
+        if config.scheduler:
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **config.scheduler)
     elif config.source == "sd":
         pipe = _inflate_stable_diffusion(config)
     else:
@@ -162,7 +167,7 @@ def _initialise(config: ModelConfig, seed: int) -> MVDreamPipeline:
             attention_mode=config.attention_mode or "3d",
         )
     return MVDreamPipeline(unet=unet, text_encoder=text_encoder, codec=codec,
-                           scheduler=DDIMScheduler(**config.scheduler))
+                           scheduler=DDIMScheduler(**(config.scheduler or SD_SCHEDULER)))
 
 
 def _inflate_stable_diffusion(config: ModelConfig) -> MVDreamPipeline:
@@ -177,7 +182,7 @@ def _inflate_stable_diffusion(config: ModelConfig) -> MVDreamPipeline:
     text_encoder = load_text_encoder("clip", root, **text_options)
     codec = LatentCodec.from_vae_folder(root)
     return MVDreamPipeline(unet=unet, text_encoder=text_encoder, codec=codec,
-                           scheduler=DDIMScheduler(**config.scheduler))
+                           scheduler=DDIMScheduler(**(config.scheduler or SD_SCHEDULER)))
 
 
 def resolve_model_dir(path: str) -> str:
