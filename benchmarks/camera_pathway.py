@@ -22,6 +22,13 @@ schedule), where a v model of a zero-terminal-SNR schedule outputs -x0 itself.
 
     .venv/bin/python benchmarks/camera_pathway.py --models checkpoints/tiny [other pipelines]
         [--objects 3] [--steps 100] [--lr 1e-4] [--out results/camera_pathway.json]
+
+``--jointly N [N ...]`` asks the next question: one object can be memorised, but can N at once?
+The first N marked objects are memorised together (``--batch`` objects per step, ``--steps``
+steps), then the camera gain is measured on those N and on ``--unseen`` marked objects that were
+not in the set. If the gain on the memorised set falls as N grows, the weights cannot hold the
+caption-times-camera rule for many objects; if it holds but the unseen gain stays at 1, they
+memorise objects without learning the rule.
 """
 
 from __future__ import annotations
@@ -51,39 +58,87 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def memorise(pipe, obj, settings, steps: int, lr: float, seed: int) -> dict:
-    """Fine-tune a copy of ``pipe``'s UNet on one object's views at t = T - 1; score it."""
-    unet = copy.deepcopy(pipe.unet).train()
+def _views(pipe, obj, settings):
+    """x0 (F, C, h, w), context (F, L, D) of one object's benchmark views."""
+    truth = torch.from_numpy(render_truth(obj, settings, pipe.unet.sample_size)).float()
+    with torch.no_grad():
+        return (pipe.codec.encode(truth.permute(0, 3, 1, 2) * 2 - 1),
+                pipe.encode_prompts([obj.caption], settings.num_views))
+
+
+def _last_step_error(pipe, unet, views: int, generator):
+    """error(items, camera): the x0 error at t = T - 1 of [(x0, context), ...] seen with the
+    F cameras ``camera`` (F, 16), on fresh noise from ``generator``."""
     schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config))
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     t = schedule.num_train_timesteps - 1
     abar = schedule.abar_at(t)
-    views = settings.num_views
-    resolution = unet.sample_size
-    truth = torch.from_numpy(render_truth(obj, settings, resolution)).float()
-    x0 = pipe.codec.encode(truth.permute(0, 3, 1, 2) * 2 - 1)
-    cams = camera_matrices_to_vectors(view_cameras(views, settings.elevation))
-    turned = torch.roll(cams, views // 2, dims=0)  # each view gets the camera 180 degrees away
-    with torch.no_grad():
-        context = pipe.encode_prompts([obj.caption], views)
-    timestep = torch.full((views,), t)
-    generator = torch.Generator().manual_seed(seed)
 
-    def error(camera) -> torch.Tensor:
+    def error(items, camera) -> torch.Tensor:
+        x0 = torch.cat([x for x, _ in items])
+        context = torch.cat([c for _, c in items])
         x_t = add_noise(x0, torch.randn(x0.shape, generator=generator), abar)
-        out = unet(x_t, timestep, context, camera=camera, num_frames=views).sample
+        out = unet(x_t, torch.full((len(x0),), t), context, camera=camera.repeat(len(items), 1),
+                   num_frames=views).sample
         return (x0_from_prediction(out, x_t, abar, prediction_type) - x0).pow(2).mean()
+
+    return error
+
+
+def _cameras(settings):
+    """The benchmark's F camera vectors, and the same turned by 180 degrees (F, 16) each."""
+    cams = camera_matrices_to_vectors(view_cameras(settings.num_views, settings.elevation))
+    return cams, torch.roll(cams, settings.num_views // 2, dims=0)
+
+
+def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, batch: int,
+                     seed: int) -> dict:
+    """Fine-tune a copy of the UNet on ``objects``' views at t = T - 1, ``batch`` objects a step;
+    the camera gain on the memorised objects and on ``unseen`` ones."""
+    unet = copy.deepcopy(pipe.unet).train()
+    cams, turned = _cameras(settings)
+    data = [_views(pipe, obj, settings) for obj in objects]
+    held = [_views(pipe, obj, settings) for obj in unseen]
+    generator = torch.Generator().manual_seed(seed)
+    error = _last_step_error(pipe, unet, settings.num_views, generator)
 
     optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
     for _ in range(steps):
-        loss = error(cams)
+        pick = torch.randperm(len(data), generator=generator)[:batch].tolist()
+        loss = error([data[i] for i in pick], cams)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+
+    def gain(items) -> dict:
+        with torch.no_grad():
+            own = np.mean([float(error([item], cams)) for item in items for _ in range(2)])
+            away = np.mean([float(error([item], turned)) for item in items for _ in range(2)])
+        return {"mse_own_cameras": round(own, 5), "mse_turned_cameras": round(away, 5),
+                "camera_gain": round(away / own, 3)}
+
+    return {"objects": len(objects), "memorised": gain(data), "unseen": gain(held)}
+
+
+def memorise(pipe, obj, settings, steps: int, lr: float, seed: int) -> dict:
+    """Fine-tune a copy of ``pipe``'s UNet on one object's views at t = T - 1; score it."""
+    unet = copy.deepcopy(pipe.unet).train()
+    cams, turned = _cameras(settings)  # turned: each view gets the camera 180 degrees away
+    item = [_views(pipe, obj, settings)]
+    generator = torch.Generator().manual_seed(seed)
+    error = _last_step_error(pipe, unet, settings.num_views, generator)
+
+    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = error(item, cams)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     unet.eval()
     with torch.no_grad():
-        own = np.mean([float(error(cams)) for _ in range(8)])
-        away = np.mean([float(error(turned)) for _ in range(8)])
+        own = np.mean([float(error(item, cams)) for _ in range(8)])
+        away = np.mean([float(error(item, turned)) for _ in range(8)])
     return {"caption": obj.caption, "mse_own_cameras": round(own, 5),
             "mse_turned_cameras": round(away, 5), "camera_gain": round(away / own, 3)}
 
@@ -94,12 +149,19 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--jointly", type=int, nargs="*", default=[],
+                        help="set sizes N to memorise together (instead of one object at a time)")
+    parser.add_argument("--batch", type=int, default=4, help="objects per step with --jointly")
+    parser.add_argument("--unseen", type=int, default=8, help="unseen objects scored with --jointly")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "camera_pathway.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = describe()
     settings = ConsistencySettings(sets=args.objects)
+    if args.jointly:
+        joint(args, settings, info)
+        return
     objects = consistency_objects("marker", args.objects, settings.shape_seed)
     rows = []
     for model in args.models:
@@ -122,6 +184,36 @@ def main() -> None:
     record = {"benchmark": "camera_pathway", "date": time.strftime("%Y-%m-%d"), "machine": info,
               "settings": {"objects": len(objects), "steps": args.steps, "lr": args.lr,
                            "elevation": settings.elevation}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def joint(args, settings, info) -> None:
+    """``--jointly``: camera gain on memorised sets of N objects and on unseen objects."""
+    largest = max(args.jointly)
+    pool = consistency_objects("marker", largest + args.unseen, settings.shape_seed)
+    unseen = pool[largest:]
+    rows = []
+    for model in args.models:
+        pipe = MVDreamPipeline.from_pretrained(model)
+        for n in args.jointly:
+            started = time.perf_counter()
+            row = memorise_jointly(pipe, pool[:n], unseen, settings, args.steps, args.lr,
+                                   min(args.batch, n), seed=n)
+            row.update(model=model, seconds=round(time.perf_counter() - started, 1))
+            rows.append(row)
+            print(f"{model} N={n}: memorised gain {row['memorised']['camera_gain']:.2f}x, "
+                  f"unseen {row['unseen']['camera_gain']:.2f}x ({row['seconds']} s)", flush=True)
+    print("| model | objects memorised together | camera gain, memorised | camera gain, unseen |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['model']} | {row['objects']} | {row['memorised']['camera_gain']:.2f}x | "
+              f"{row['unseen']['camera_gain']:.2f}x |")
+    record = {"benchmark": "camera_pathway_jointly", "date": time.strftime("%Y-%m-%d"),
+              "machine": info, "settings": {"steps": args.steps, "lr": args.lr, "batch": args.batch,
+                                           "unseen": args.unseen, "elevation": settings.elevation},
+              "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -138,6 +138,26 @@ def test_fsdp_trains_like_ddp_resumes_and_takes_over_a_ddp_run(data, tmp_path, r
     assert _logged(runs / "ddp", "loss")[4:] == pytest.approx(_logged(runs / "fsdp", "loss")[4:], rel=1e-4)
 
 
+def test_a_saved_v_model_is_fine_tuned_as_a_v_model_unless_told_otherwise(data, tmp_path, ray_cluster):
+    """trainer.prediction_type unset = the model's own: fine-tuning a v pipeline (e.g. a
+    zero-SNR default) must not silently retrain it as an eps model."""
+    _train(data, tmp_path, "trainer.max_steps=2", "trainer.checkpoint_every=2", "run.name=v0",
+           "trainer.prediction_type=v_prediction")
+    saved = tmp_path / "runs" / "v0" / "pipeline"
+    assert MVDreamPipeline.from_pretrained(saved).scheduler.config.prediction_type == "v_prediction"
+    job = import_job("train")
+    again = [o for o in TINY if o != "model=tiny_init"] + [
+        "model=trained", f"model.path={saved}", f"data.uri={data['mv']}", f"data.image_uri={data['2d']}",
+        f"run.storage_path={tmp_path / 'runs'}", "trainer.max_steps=2", "trainer.checkpoint_every=2",
+        "trainer.timestep_bias_range=[800,1000]", "trainer.timestep_bias_multiplier=4"]
+    job.run(compose("train", again + ["run.name=v1"]))
+    assert MVDreamPipeline.from_pretrained(tmp_path / "runs" / "v1" / "pipeline").scheduler.config.prediction_type \
+        == "v_prediction"
+    job.run(compose("train", again + ["run.name=e1", "trainer.prediction_type=epsilon"]))
+    assert MVDreamPipeline.from_pretrained(tmp_path / "runs" / "e1" / "pipeline").scheduler.config.prediction_type \
+        == "epsilon"
+
+
 def test_missing_data_fails_before_the_cluster_starts(data, tmp_path):
     job = import_job("train")
     with pytest.raises(ValueError, match="training data: no readable text-image rows"):

@@ -7,7 +7,12 @@ import torch
 
 from mvdream_platform.diffusion import NoiseSchedule, min_snr_weight
 from mvdream_platform.models import MultiViewUNet
-from mvdream_platform.training.losses import diffusion_loss, drop_text, sample_timesteps
+from mvdream_platform.training.losses import (
+    diffusion_loss,
+    drop_text,
+    sample_timesteps,
+    timestep_weights,
+)
 
 from conftest import tiny_sd_unet_config
 
@@ -50,6 +55,50 @@ def test_timesteps_cover_the_range():
     t = sample_timesteps(20000, 1, 10, torch.Generator().manual_seed(0))
     counts = torch.bincount(t, minlength=10)
     assert len(counts) == 10 and int(counts.min()) > 1800  # ~2000 each
+
+
+def test_timestep_bias_draws_the_range_multiplier_times_as_often():
+    weights = timestep_weights(1000, [800, 1000], 4.0)
+    assert weights.shape == (1000,) and float(weights[799]) == 1.0 and float(weights[800]) == 4.0
+    t = sample_timesteps(20000, 4, 1000, torch.Generator().manual_seed(0), weights=weights)
+    per_object = t.view(20000, 4)
+    assert bool((per_object == per_object[:, :1]).all())
+    high = float((per_object[:, 0] >= 800).float().mean())
+    assert abs(high - 0.5) < 0.02  # 200 x 4 of 800 + 800: half the draws
+    # inside each part t stays uniform
+    low_counts = torch.bincount(per_object[:, 0][per_object[:, 0] < 800] // 100, minlength=8)
+    assert float(low_counts.min()) > 0.85 * float(low_counts.max())
+    again = sample_timesteps(20000, 4, 1000, torch.Generator().manual_seed(0), weights=weights)
+    assert torch.equal(t, again)
+    assert timestep_weights(1000, None, 4.0) is None and timestep_weights(1000, [0, 10], 1.0) is None
+
+
+@pytest.mark.parametrize("bias_range, multiplier, match", [
+    ([800, 1200], 4.0, "range"), ([500, 500], 4.0, "range"), ([800, 1000], 0.0, "multiplier"),
+])
+def test_timestep_bias_rejects_bad_settings(bias_range, multiplier, match):
+    with pytest.raises(ValueError, match=match):
+        timestep_weights(1000, bias_range, multiplier)
+
+
+def test_trainer_config_rejects_a_bad_timestep_bias():
+    from mvdream_platform.training.config import TrainerConfig
+
+    with pytest.raises(ValueError, match="timestep_bias_range"):
+        TrainerConfig(timestep_bias_range=[900, 100])
+    with pytest.raises(ValueError, match="timestep_bias_multiplier"):
+        TrainerConfig(timestep_bias_multiplier=-1.0)
+
+
+def test_biased_timesteps_reach_the_loss():
+    model = tiny_model().eval()
+    schedule = NoiseSchedule.from_scheduler_config(SD_SCHEDULE)
+    x0, context, camera = tiny_batch(objects=8)
+    weights = timestep_weights(1000, [990, 1000], 1e6)  # practically always t >= 990
+    with torch.no_grad():
+        _, info = diffusion_loss(model, x0, context, camera, 4, schedule,
+                                 generator=torch.Generator().manual_seed(0), t_weights=weights)
+    assert int(info["timesteps"].min()) >= 990
 
 
 # ---------------------------------------------------------------------- loss

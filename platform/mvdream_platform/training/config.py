@@ -67,7 +67,9 @@ class TrainerConfig:
     grad_accumulation: int = 1
     ema_decay: float = 0.0  # 0 disables EMA
     text_dropout: float = 0.1  # empty prompt 10% of the time so classifier-free guidance works
-    prediction_type: str = "epsilon"
+    # None: the model's own parameterisation (a saved pipeline's scheduler; epsilon for a new
+    # model unless model.scheduler says otherwise), so fine-tuning a v model stays v.
+    prediction_type: str | None = None
     mixed_precision: str = "no"  # "bf16": autocast on GPU
     gradient_checkpointing: bool = False
     # torch.compile the UNet (in place: checkpoints unchanged). On CPU, inductor needs a C++
@@ -81,6 +83,10 @@ class TrainerConfig:
     # (l1: sum |theta - theta_0|; l2: sum (theta - theta_0)^2). 0 disables it.
     preservation_weight: float = 0.0
     preservation_distance: str = "l1"
+    # Timestep bias (diffusers' SDXL example, "range" strategy): t in [begin, end) is drawn
+    # `timestep_bias_multiplier` times as often as the rest. None / 1.0: uniform t.
+    timestep_bias_range: list[int] | None = None
+    timestep_bias_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,7 +98,7 @@ class TrainerConfig:
             raise ValueError("trainer.checkpoint_every and trainer.log_every must be >= 1")
         if self.grad_accumulation < 1:
             raise ValueError(f"trainer.grad_accumulation must be >= 1, got {self.grad_accumulation}")
-        if self.prediction_type not in PREDICTION_TYPES:
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"trainer.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"trainer.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
@@ -104,6 +110,13 @@ class TrainerConfig:
             raise ValueError(f"trainer.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.preservation_weight < 0:
             raise ValueError(f"trainer.preservation_weight must be >= 0, got {self.preservation_weight}")
+        if self.timestep_bias_multiplier <= 0:
+            raise ValueError(f"trainer.timestep_bias_multiplier must be > 0, got {self.timestep_bias_multiplier}")
+        if self.timestep_bias_range is not None and (
+                len(self.timestep_bias_range) != 2
+                or not 0 <= self.timestep_bias_range[0] < self.timestep_bias_range[1]):
+            raise ValueError("trainer.timestep_bias_range must be [begin, end) with 0 <= begin < end, "
+                             f"got {self.timestep_bias_range}")
         if self.preservation_distance not in PRESERVATION_DISTANCES:
             raise ValueError(f"trainer.preservation_distance must be one of {PRESERVATION_DISTANCES}, "
                              f"got {self.preservation_distance!r}")
@@ -176,7 +189,9 @@ class TrainJobConfig:
 
     def __post_init__(self) -> None:
         # A saved model's scheduler is checked again once loaded (training/loop.py).
-        check_terminal_snr(self.model.scheduler or {}, self.trainer.prediction_type)
+        scheduler = self.model.scheduler or {}
+        check_terminal_snr(scheduler, self.trainer.prediction_type
+                           or scheduler.get("prediction_type", "epsilon"))
         if self.cluster.parallel_strategy == "fsdp" and self.trainer.preservation_weight > 0:
             # ParameterPreservation keeps theta_0 and the distance per full parameter; under
             # FSDP each rank holds shards. Not built yet: DreamBooth runs fit in DDP anyway.

@@ -48,7 +48,7 @@ from ..pipelines.loading import build_pipeline
 from .checkpointing import load_training_state, restore_newest_good, write_training_state
 from .comm_timing import attach_allreduce_timer
 from .config import TrainJobConfig
-from .losses import ParameterPreservation, diffusion_loss, drop_text
+from .losses import ParameterPreservation, diffusion_loss, drop_text, timestep_weights
 from .optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm, unwrap_model
 from .parallel import (
     drop_unused_gradients,
@@ -87,9 +87,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Every rank builds the same initial weights (seeded); a checkpoint then overrides them.
     pipe = build_pipeline(cfg.model, device="cpu", seed=cfg.trainer.seed)
-    # The sampler must denoise with the parameterisation the model is trained for.
+    # The sampler must denoise with the parameterisation the model is trained for; unset, that is
+    # the model's own (a saved v model is fine-tuned as a v model).
+    prediction_type = cfg.trainer.prediction_type or pipe.scheduler.config.prediction_type
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
-                                                      prediction_type=cfg.trainer.prediction_type)
+                                                      prediction_type=prediction_type)
     unet, text_encoder, codec = pipe.unet.to(device), pipe.text_encoder.to(device), pipe.codec.to(device)
     pipe.set_progress_bar_config(disable=True)  # sample grids log one line, not a bar
     unet.train()
@@ -97,8 +99,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         unet.enable_gradient_checkpointing()
     if cfg.trainer.compile:
         unet.compile()
-    check_terminal_snr(pipe.scheduler.config, cfg.trainer.prediction_type)
+    check_terminal_snr(pipe.scheduler.config, prediction_type)
     schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config)).to(device)
+    t_weights = timestep_weights(schedule.num_train_timesteps, cfg.trainer.timestep_bias_range,
+                                 cfg.trainer.timestep_bias_multiplier)
     # theta_0 for DreamBooth's preservation loss: the starting weights, copied before any
     # checkpoint is restored.
     preservation = (ParameterPreservation(unet, cfg.trainer.preservation_weight, cfg.trainer.preservation_distance)
@@ -145,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sync = contextlib.nullcontext() if (last or world == 1) else model.no_sync()
             with sync:
                 loss, info = _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator,
-                                         device, autocast)
+                                         device, autocast, prediction_type, t_weights)
                 t2 = clock()
                 (loss / cfg.trainer.grad_accumulation).backward()
             window.add(loss.item(), batch, data_s=t1 - t0, forward_s=t2 - t1, backward_s=clock() - t2)
@@ -190,7 +194,8 @@ def _device(cfg: TrainJobConfig) -> torch.device:
     return ray.train.torch.get_device() if cfg.cluster.use_gpu else torch.device("cpu")
 
 
-def _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator, device, autocast):
+def _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator, device, autocast,
+                prediction_type, t_weights=None):
     """One micro-batch: returns (loss, info)."""
     frames = batch.num_frames
     captions = drop_text(batch.captions, cfg.trainer.text_dropout, generator, num_frames=frames)
@@ -200,7 +205,8 @@ def _micro_step(model, text_encoder, codec, schedule, batch, cfg, generator, dev
     camera = batch.cameras.to(device) if batch.cameras is not None else None
     with autocast:
         return diffusion_loss(model, x0, context, camera, frames, schedule,
-                              prediction_type=cfg.trainer.prediction_type, generator=generator)
+                              prediction_type=prediction_type, generator=generator,
+                              t_weights=t_weights)
 
 
 def run_checkpoints(cfg: TrainJobConfig) -> list:

@@ -30,6 +30,7 @@ __all__ = [
     "diffusion_loss",
     "drop_text",
     "sample_timesteps",
+    "timestep_weights",
 ]
 
 
@@ -43,21 +44,53 @@ def _check_views(n: int, num_frames: int) -> int:
 
 
 # ---------------------------------------------------------------------- sampling t, eps, captions
+def timestep_weights(
+    num_train_timesteps: int, bias_range: Sequence[int] | None, multiplier: float
+) -> torch.Tensor | None:
+    """Relative sampling weights of t: ``multiplier`` on ``[begin, end)``, 1 elsewhere.
+
+    The "range" timestep bias of diffusers' SDXL training example. ``p(t)`` changes, the loss
+    does not: the biased range is simply seen more often. MVDream's camera alone tells the views
+    apart only at high noise (at t near T the image carries no view content), so a fine-tune
+    that must teach the camera can spend more of its steps there.
+
+    Args:
+        num_train_timesteps: T.
+        bias_range: ``[begin, end)`` with ``0 <= begin < end <= T``, or ``None`` (uniform).
+        multiplier: > 0; 1 is uniform.
+    Returns:
+        (T,) float32 weights (unnormalised), or ``None`` for the uniform distribution.
+    """
+    if multiplier <= 0:
+        raise ValueError(f"timestep bias multiplier must be > 0, got {multiplier!r}")
+    if bias_range is None or multiplier == 1.0:
+        return None
+    begin, end = (int(v) for v in bias_range)
+    if not 0 <= begin < end <= num_train_timesteps:
+        raise ValueError(f"timestep bias range must satisfy 0 <= begin < end <= "
+                         f"{num_train_timesteps}, got {list(bias_range)}")
+    weights = torch.ones(num_train_timesteps)
+    weights[begin:end] = multiplier
+    return weights
+
+
 def sample_timesteps(
     batch_objects: int,
     num_frames: int,
     num_train_timesteps: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One timestep per object, repeated for each of its views.
 
     Args:
         batch_objects: B, number of objects.
         num_frames: F, views per object (1 for 2D text-image data).
-        num_train_timesteps: T; t is uniform on {0, ..., T-1}.
+        num_train_timesteps: T; t is uniform on {0, ..., T-1} unless ``weights`` is given.
         generator: random source (draws on its own device); ``None`` uses the global RNG.
         device: where the result goes (default: the generator's device, else CPU).
+        weights: (T,) relative probabilities of each t (:func:`timestep_weights`), or ``None``.
     Returns:
         t (B*F,) int64, ``t[b*F + f] == t[b*F]`` for every view f of object b.
     """
@@ -68,9 +101,16 @@ def sample_timesteps(
     # sample is the convention of video diffusion models, whose inflated attention MVDream
     # borrows, and it is our design choice here.
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    t = torch.randint(
-        0, num_train_timesteps, (batch_objects,), generator=generator, device=gen_device
-    )
+    if weights is None:
+        t = torch.randint(
+            0, num_train_timesteps, (batch_objects,), generator=generator, device=gen_device
+        )
+    else:
+        if weights.shape != (num_train_timesteps,):
+            raise ValueError(f"timestep weights must have shape ({num_train_timesteps},), "
+                             f"got {tuple(weights.shape)}")
+        t = torch.multinomial(weights.to(gen_device, torch.float32), batch_objects,
+                              replacement=True, generator=generator)
     return t.repeat_interleave(num_frames).to(device if device is not None else gen_device)
 
 
@@ -113,6 +153,7 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     snr_gamma: float | None = None,
+    t_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The denoising loss of one batch of multi-view (or 2D) samples.
 
@@ -129,6 +170,8 @@ def diffusion_loss(
         timesteps: (B*F,) fixed timesteps instead of :func:`sample_timesteps`.
         noise: (B*F, C, H, W) fixed eps instead of a fresh draw.
         snr_gamma: Min-SNR-gamma weighting (gamma = 5 in the paper); ``None`` is the plain mean.
+        t_weights: (T,) relative probabilities of t (:func:`timestep_weights`);
+            ``None`` is uniform.
     Returns:
         loss: scalar float32, mean squared error over every element (weighted per sample when
             ``snr_gamma`` is set).
@@ -143,7 +186,8 @@ def diffusion_loss(
 
     gen_device = generator.device if generator is not None else x0.device
     if timesteps is None:
-        t = sample_timesteps(num_objects, num_frames, schedule.num_train_timesteps, generator)
+        t = sample_timesteps(num_objects, num_frames, schedule.num_train_timesteps, generator,
+                             weights=t_weights)
     else:
         t = timesteps
     t = t.to(x0.device)
