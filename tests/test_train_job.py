@@ -174,6 +174,9 @@ def test_bad_training_config_is_rejected_by_name(tmp_path):
     with pytest.raises(ValueError, match="zero-terminal-SNR .* needs prediction_type v_prediction"):
         job.run(compose("train", TINY + ["data.uri=x", "model.scheduler.rescale_betas_zero_snr=true",
                                          f"run.storage_path={tmp_path}"]))
+    with pytest.raises(ValueError, match=r"timestep_bias_range \[900, 1200\] reaches past the model's 1000"):
+        job.run(compose("train", TINY + [f"data.uri={tmp_path}", "trainer.timestep_bias_range=[900,1200]",
+                                         "trainer.timestep_bias_multiplier=2", f"run.storage_path={tmp_path}"]))
     with pytest.raises(ValueError, match="data.p_multiview"):
         job.run(compose("train", TINY + ["data.uri=x", "data.p_multiview=1.5",
                                          f"run.storage_path={tmp_path}"]))

@@ -90,6 +90,10 @@ def preflight(cfg: TrainJobConfig) -> None:
     if model.source in ("pipeline", "sd") and storage.is_local(model.path) and not os.path.exists(
             storage.local_path(model.path)):
         raise ValueError(f"model.path {model.path!r} does not exist (model.source={model.source!r})")
+    bias = cfg.trainer.timestep_bias_range
+    if bias is not None and bias[1] > _train_timesteps(model):
+        raise ValueError(f"trainer.timestep_bias_range {list(bias)} reaches past the model's "
+                         f"{_train_timesteps(model)} training timesteps")
     workers = max(1, cfg.cluster.num_workers)
     # lists both datasets the way the map-style workers would (Ray Data's are built by the
     # trainer); the last rank gets the fewest items
@@ -101,6 +105,19 @@ def preflight(cfg: TrainJobConfig) -> None:
                              "folder layout: convert it (jobs/prepare_data.py mode=shard)")
     except (ValueError, FileNotFoundError) as error:
         raise ValueError(f"training data: {error}") from error
+
+
+def _train_timesteps(model) -> int:
+    """T of the schedule the run will train on: ``model.scheduler``'s value, else a saved
+    folder's scheduler config, else SD's 1000."""
+    given = (model.scheduler or {}).get("num_train_timesteps")
+    if given is not None:
+        return int(given)
+    if model.source in ("pipeline", "sd") and model.path:
+        saved = storage.join(model.path, "scheduler", "scheduler_config.json")
+        if storage.exists(saved):
+            return int(storage.read_json(saved).get("num_train_timesteps", 1000))
+    return 1000
 
 
 def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
