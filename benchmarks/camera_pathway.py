@@ -91,6 +91,26 @@ def _cameras(settings):
     return cams, torch.roll(cams, settings.num_views // 2, dims=0)
 
 
+def _fit(unet, error, next_items, cams, steps: int, lr: float) -> None:
+    """``steps`` Adam steps of ``unet`` on error(next_items(), cams); leaves it in eval mode."""
+    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = error(next_items(), cams)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+
+
+def _gain(error, items, cams, turned, draws: int) -> dict:
+    """x0 error of each item with its own and with turned cameras (``draws`` noises each)."""
+    with torch.no_grad():
+        own = np.mean([float(error([item], cams)) for item in items for _ in range(draws)])
+        away = np.mean([float(error([item], turned)) for item in items for _ in range(draws)])
+    return {"mse_own_cameras": round(own, 5), "mse_turned_cameras": round(away, 5),
+            "camera_gain": round(away / own, 3)}
+
+
 def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, batch: int,
                      seed: int) -> dict:
     """Fine-tune a copy of the UNet on ``objects``' views at t = T - 1, ``batch`` objects a step;
@@ -101,46 +121,21 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
     held = [_views(pipe, obj, settings) for obj in unseen]
     generator = torch.Generator().manual_seed(seed)
     error = _last_step_error(pipe, unet, settings.num_views, generator)
-
-    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
-    for _ in range(steps):
-        pick = torch.randperm(len(data), generator=generator)[:batch].tolist()
-        loss = error([data[i] for i in pick], cams)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    unet.eval()
-
-    def gain(items) -> dict:
-        with torch.no_grad():
-            own = np.mean([float(error([item], cams)) for item in items for _ in range(2)])
-            away = np.mean([float(error([item], turned)) for item in items for _ in range(2)])
-        return {"mse_own_cameras": round(own, 5), "mse_turned_cameras": round(away, 5),
-                "camera_gain": round(away / own, 3)}
-
-    return {"objects": len(objects), "memorised": gain(data), "unseen": gain(held)}
+    _fit(unet, error, lambda: [data[i] for i in torch.randperm(len(data), generator=generator)[:batch]],
+         cams, steps, lr)
+    return {"objects": len(objects), "memorised": _gain(error, data, cams, turned, draws=2),
+            "unseen": _gain(error, held, cams, turned, draws=2)}
 
 
 def memorise(pipe, obj, settings, steps: int, lr: float, seed: int) -> dict:
     """Fine-tune a copy of ``pipe``'s UNet on one object's views at t = T - 1; score it."""
     unet = copy.deepcopy(pipe.unet).train()
     cams, turned = _cameras(settings)  # turned: each view gets the camera 180 degrees away
-    item = [_views(pipe, obj, settings)]
+    item = _views(pipe, obj, settings)
     generator = torch.Generator().manual_seed(seed)
     error = _last_step_error(pipe, unet, settings.num_views, generator)
-
-    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
-    for _ in range(steps):
-        loss = error(item, cams)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    unet.eval()
-    with torch.no_grad():
-        own = np.mean([float(error(item, cams)) for _ in range(8)])
-        away = np.mean([float(error(item, turned)) for _ in range(8)])
-    return {"caption": obj.caption, "mse_own_cameras": round(own, 5),
-            "mse_turned_cameras": round(away, 5), "camera_gain": round(away / own, 3)}
+    _fit(unet, error, lambda: [item], cams, steps, lr)
+    return {"caption": obj.caption, **_gain(error, [item], cams, turned, draws=8)}
 
 
 def main() -> None:
@@ -153,6 +148,9 @@ def main() -> None:
                         help="set sizes N to memorise together (instead of one object at a time)")
     parser.add_argument("--batch", type=int, default=4, help="objects per step with --jointly")
     parser.add_argument("--unseen", type=int, default=8, help="unseen objects scored with --jointly")
+    parser.add_argument("--pool", type=int, default=64,
+                        help="--jointly memorises from the first POOL marked objects; the unseen ones "
+                             "follow them, so every N and every run scores the same unseen objects")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "camera_pathway.json")
     args = parser.parse_args()
@@ -191,9 +189,10 @@ def main() -> None:
 
 def joint(args, settings, info) -> None:
     """``--jointly``: camera gain on memorised sets of N objects and on unseen objects."""
-    largest = max(args.jointly)
-    pool = consistency_objects("marker", largest + args.unseen, settings.shape_seed)
-    unseen = pool[largest:]
+    if max(args.jointly) > args.pool:
+        raise SystemExit(f"--jointly sizes must be <= --pool {args.pool}, got {args.jointly}")
+    pool = consistency_objects("marker", args.pool + args.unseen, settings.shape_seed)
+    unseen = pool[args.pool:]
     rows = []
     for model in args.models:
         pipe = MVDreamPipeline.from_pretrained(model)
@@ -212,7 +211,8 @@ def joint(args, settings, info) -> None:
               f"{row['unseen']['camera_gain']:.2f}x |")
     record = {"benchmark": "camera_pathway_jointly", "date": time.strftime("%Y-%m-%d"),
               "machine": info, "settings": {"steps": args.steps, "lr": args.lr, "batch": args.batch,
-                                           "unseen": args.unseen, "elevation": settings.elevation},
+                                           "unseen": args.unseen, "pool": args.pool,
+                                           "elevation": settings.elevation},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

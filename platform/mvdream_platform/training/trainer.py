@@ -91,9 +91,9 @@ def preflight(cfg: TrainJobConfig) -> None:
             storage.local_path(model.path)):
         raise ValueError(f"model.path {model.path!r} does not exist (model.source={model.source!r})")
     bias = cfg.trainer.timestep_bias_range
-    if bias is not None and bias[1] > _train_timesteps(model):
+    if bias is not None and bias[1] > (steps := _train_timesteps(model)):
         raise ValueError(f"trainer.timestep_bias_range {list(bias)} reaches past the model's "
-                         f"{_train_timesteps(model)} training timesteps")
+                         f"{steps} training timesteps")
     workers = max(1, cfg.cluster.num_workers)
     # lists both datasets the way the map-style workers would (Ray Data's are built by the
     # trainer); the last rank gets the fewest items
