@@ -29,6 +29,18 @@ steps), then the camera gain is measured on those N and on ``--unseen`` marked o
 not in the set. If the gain on the memorised set falls as N grows, the weights cannot hold the
 caption-times-camera rule for many objects; if it holds but the unseen gain stays at 1, they
 memorise objects without learning the rule.
+
+``--views`` and ``--t-low`` move the memorising, one difference at a time, toward what training
+shows (the scoring never changes: benchmark cameras, t = T - 1, mid-grey):
+
+- ``fixed`` (default): the four benchmark cameras, azimuths 0 / 90 / 180 / 270, elevation 15;
+- ``start``: each object rendered at 32 azimuths (the benchmark's elevation, fov and distance),
+  each step's views evenly spaced from a random start, as ``MultiViewDataset`` picks them;
+- ``start --vary elevation zoom light background`` (any of them): as ``start``, with each
+  object's elevation, fov and distance ("zoom") and light drawn as ``jobs/prepare_data.py``
+  draws them, and a random grey background per item, as ``MultiViewDataset`` draws it;
+- ``training``: ``start`` with all four varied;
+- ``--t-low L``: t uniform in [L, T - 1] per item instead of t = T - 1.
 """
 
 from __future__ import annotations
@@ -42,7 +54,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvdream_platform.cameras import camera_matrices_to_vectors
+from mvdream_platform.cameras import (
+    camera_matrices_to_vectors,
+    mvdream_to_orbit_azimuth,
+    orbit_camera_to_world,
+)
+from mvdream_platform.data import render
+from mvdream_platform.data.datasets import multiview_item
+from mvdream_platform.data.layout import ObjectRecord
+from mvdream_platform.data.prepare import ObjectSpec, RenderSettings, object_cameras
 from mvdream_platform.diffusion import NoiseSchedule, add_noise, x0_from_prediction
 from mvdream_platform.evaluation.consistency import (
     ConsistencySettings,
@@ -59,83 +79,149 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _views(pipe, obj, settings):
-    """x0 (F, C, h, w), context (F, L, D) of one object's benchmark views."""
+    """x0 (F, C, h, w), context (F, L, D), cameras (F, 16) of one object's benchmark views."""
     truth = torch.from_numpy(render_truth(obj, settings, pipe.unet.sample_size)).float()
     with torch.no_grad():
         return (pipe.codec.encode(truth.permute(0, 3, 1, 2) * 2 - 1),
-                pipe.encode_prompts([obj.caption], settings.num_views))
+                pipe.encode_prompts([obj.caption], settings.num_views), _cameras(settings))
 
 
-def _last_step_error(pipe, unet, views: int, generator):
-    """error(items, camera): the x0 error at t = T - 1 of [(x0, context), ...] seen with the
-    F cameras ``camera`` (F, 16), on fresh noise from ``generator``."""
+VARIED = ("elevation", "zoom", "light", "background")
+
+
+class _Orbit:
+    """One object rendered at 32 azimuths; ``item(generator)`` draws a training-style group of
+    F views evenly spaced from a random start (``datasets.multiview_item``), encoded:
+    (x0 (F, C, h, w), context (F, L, D), cameras (F, 16)).
+
+    ``vary``: which of VARIED are drawn as training draws them (per object, as
+    ``jobs/prepare_data.py``: elevation in 0-30, fov and distance ("zoom"), light; per item, as
+    ``MultiViewDataset``: a random grey background); the rest keep the benchmark's values
+    (elevation 15, fov 37.5, fill 1.075, the default light, mid-grey)."""
+
+    def __init__(self, pipe, obj, index: int, settings, vary: tuple[str, ...]):
+        size = pipe.unet.sample_size
+        drawn = object_cameras(ObjectSpec(f"pathway-{index:06d}", "shape", index),
+                               RenderSettings(resolution=size))
+        elevation = drawn["elevation_deg"] if "elevation" in vary else settings.elevation
+        if "zoom" in vary:
+            fovy, distance = drawn["fovy_deg"], drawn["distance"]
+        else:
+            fovy = settings.gt_fovy_deg
+            distance = settings.gt_fill / np.sin(np.radians(fovy) / 2)
+        light = render.random_light(drawn["light_seed"]) if "light" in vary else None
+        azimuths = np.arange(32) * 360.0 / 32
+        c2w = orbit_camera_to_world(elevation, mvdream_to_orbit_azimuth(azimuths), distance)
+        rgba = render.render_views(obj.mesh, c2w, fovy, size, light=light, antialias=2)
+        self.rgba = torch.from_numpy(rgba).permute(0, 3, 1, 2).float() / 255  # (32, 4, S, S)
+        self.record = ObjectRecord(object_id=f"pathway-{index:06d}", caption=obj.caption,
+                                   attributes={}, resolution=size, azimuths_deg=azimuths.tolist(),
+                                   elevation_deg=elevation, fovy_deg=fovy, distance=distance,
+                                   camera_to_world=c2w.tolist())
+        self.background = None if "background" in vary else (0.5, 0.5, 0.5)
+        self.pipe, self.views = pipe, settings.num_views
+        with torch.no_grad():
+            self.context = pipe.encode_prompts([obj.caption], settings.num_views)
+
+    def item(self, generator: torch.Generator):
+        u_start, u_grey = torch.rand(2, generator=generator).tolist()
+        got = multiview_item(self.record, lambda v: self.rgba[v], u_start, u_grey, self.views,
+                             self.record.resolution, self.background)
+        with torch.no_grad():
+            return self.pipe.codec.encode(got["images"]), self.context, got["cameras"]
+
+
+def _last_step_error(pipe, unet, views: int, generator, t_low: int | None = None):
+    """error(items, turned=False): the x0 error of [(x0, context, cameras), ...] at t = T - 1
+    (or, with ``t_low``, at one t per item drawn uniformly from [t_low, T - 1]), each item
+    seen with its own F cameras, or with them turned by 180 degrees (rolled by F / 2), on
+    fresh noise from ``generator``."""
     schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config))
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    t = schedule.num_train_timesteps - 1
-    abar = schedule.abar_at(t)
+    last = schedule.num_train_timesteps - 1
 
-    def error(items, camera) -> torch.Tensor:
-        x0 = torch.cat([x for x, _ in items])
-        context = torch.cat([c for _, c in items])
+    def error(items, turned: bool = False) -> torch.Tensor:
+        x0 = torch.cat([x for x, _, _ in items])
+        context = torch.cat([c for _, c, _ in items])
+        camera = torch.cat([torch.roll(cam, views // 2, dims=0) if turned else cam
+                            for _, _, cam in items])
+        if t_low is None:
+            t, abar = torch.full((len(x0),), last), schedule.abar_at(last)
+        else:
+            t = torch.randint(t_low, last + 1, (len(items),), generator=generator)
+            t = t.repeat_interleave(views)
+            abar = schedule.abar(t).view(-1, 1, 1, 1).to(x0.dtype)
         x_t = add_noise(x0, torch.randn(x0.shape, generator=generator), abar)
-        out = unet(x_t, torch.full((len(x0),), t), context, camera=camera.repeat(len(items), 1),
-                   num_frames=views).sample
+        out = unet(x_t, t, context, camera=camera, num_frames=views).sample
         return (x0_from_prediction(out, x_t, abar, prediction_type) - x0).pow(2).mean()
 
     return error
 
 
 def _cameras(settings):
-    """The benchmark's F camera vectors, and the same turned by 180 degrees (F, 16) each."""
-    cams = camera_matrices_to_vectors(view_cameras(settings.num_views, settings.elevation))
-    return cams, torch.roll(cams, settings.num_views // 2, dims=0)
+    """The benchmark's F camera vectors (F, 16)."""
+    return camera_matrices_to_vectors(view_cameras(settings.num_views, settings.elevation))
 
 
-def _fit(unet, error, next_items, cams, steps: int, lr: float) -> None:
-    """``steps`` Adam steps of ``unet`` on error(next_items(), cams); leaves it in eval mode."""
+def _fit(unet, error, next_items, steps: int, lr: float) -> None:
+    """``steps`` Adam steps of ``unet`` on error(next_items()); leaves it in eval mode."""
     optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
     for _ in range(steps):
-        loss = error(next_items(), cams)
+        loss = error(next_items())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     unet.eval()
 
 
-def _gain(error, items, cams, turned, draws: int) -> dict:
+def _gain(error, items, draws: int) -> dict:
     """x0 error of each item with its own and with turned cameras (``draws`` noises each)."""
     with torch.no_grad():
-        own = np.mean([float(error([item], cams)) for item in items for _ in range(draws)])
-        away = np.mean([float(error([item], turned)) for item in items for _ in range(draws)])
+        own = np.mean([float(error([item])) for item in items for _ in range(draws)])
+        away = np.mean([float(error([item], turned=True)) for item in items for _ in range(draws)])
     return {"mse_own_cameras": round(own, 5), "mse_turned_cameras": round(away, 5),
             "camera_gain": round(away / own, 3)}
 
 
 def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, batch: int,
-                     seed: int) -> dict:
-    """Fine-tune a copy of the UNet on ``objects``' views at t = T - 1, ``batch`` objects a step;
-    the camera gain on the memorised objects and on ``unseen`` ones."""
+                     seed: int, views: str = "fixed", t_low: int | None = None,
+                     vary: tuple[str, ...] = (), save: Path | None = None) -> dict:
+    """Fine-tune a copy of the UNet on ``objects``' views (``views``: fixed / start / training,
+    see the module docstring), ``batch`` objects a step, at t = T - 1 or t in [t_low, T - 1];
+    the camera gain at t = T - 1 on the memorised objects' benchmark views and on ``unseen``."""
     unet = copy.deepcopy(pipe.unet).train()
-    cams, turned = _cameras(settings)
     data = [_views(pipe, obj, settings) for obj in objects]
     held = [_views(pipe, obj, settings) for obj in unseen]
     generator = torch.Generator().manual_seed(seed)
+    if views == "fixed":
+        def draw(i):
+            return data[i]
+    else:
+        vary = VARIED if views == "training" else tuple(vary)
+        orbits = [_Orbit(pipe, obj, i, settings, vary) for i, obj in enumerate(objects)]
+
+        def draw(i):
+            return orbits[i].item(generator)
+    fit_error = _last_step_error(pipe, unet, settings.num_views, generator, t_low)
+    _fit(unet, fit_error, lambda: [draw(int(i)) for i in
+                                   torch.randperm(len(data), generator=generator)[:batch]], steps, lr)
     error = _last_step_error(pipe, unet, settings.num_views, generator)
-    _fit(unet, error, lambda: [data[i] for i in torch.randperm(len(data), generator=generator)[:batch]],
-         cams, steps, lr)
-    return {"objects": len(objects), "memorised": _gain(error, data, cams, turned, draws=2),
-            "unseen": _gain(error, held, cams, turned, draws=2)}
+    if save:  # the memorised model as a pipeline, for benchmarks/consistency.py and marker_fit.py
+        MVDreamPipeline(unet=unet, text_encoder=pipe.text_encoder, codec=pipe.codec,
+                        scheduler=pipe.scheduler).save_pretrained(save)
+    return {"objects": len(objects), "views": views, "t_low": t_low,
+            "vary": [] if views == "fixed" else list(vary),
+            "memorised": _gain(error, data, draws=2), "unseen": _gain(error, held, draws=2)}
 
 
 def memorise(pipe, obj, settings, steps: int, lr: float, seed: int) -> dict:
     """Fine-tune a copy of ``pipe``'s UNet on one object's views at t = T - 1; score it."""
     unet = copy.deepcopy(pipe.unet).train()
-    cams, turned = _cameras(settings)  # turned: each view gets the camera 180 degrees away
     item = _views(pipe, obj, settings)
     generator = torch.Generator().manual_seed(seed)
     error = _last_step_error(pipe, unet, settings.num_views, generator)
-    _fit(unet, error, lambda: [item], cams, steps, lr)
-    return {"caption": obj.caption, **_gain(error, [item], cams, turned, draws=8)}
+    _fit(unet, error, lambda: [item], steps, lr)
+    return {"caption": obj.caption, **_gain(error, [item], draws=8)}
 
 
 def main() -> None:
@@ -151,6 +237,14 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=64,
                         help="--jointly memorises from the first POOL marked objects; the unseen ones "
                              "follow them, so every N and every run scores the same unseen objects")
+    parser.add_argument("--views", choices=("fixed", "start", "training"), default="fixed",
+                        help="--jointly: which views are memorised (module docstring)")
+    parser.add_argument("--vary", nargs="*", choices=VARIED, default=[],
+                        help="--views start: which training draws to add (training = all four)")
+    parser.add_argument("--t-low", type=int, default=None,
+                        help="--jointly: memorise at t uniform in [T_LOW, T - 1] (default: T - 1)")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="--jointly: save each memorised model as a pipeline in SAVE/N<n>")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "camera_pathway.json")
     args = parser.parse_args()
@@ -199,7 +293,9 @@ def joint(args, settings, info) -> None:
         for n in args.jointly:
             started = time.perf_counter()
             row = memorise_jointly(pipe, pool[:n], unseen, settings, args.steps, args.lr,
-                                   min(args.batch, n), seed=n)
+                                   min(args.batch, n), seed=n, views=args.views, t_low=args.t_low,
+                                   vary=tuple(args.vary),
+                                   save=args.save / f"N{n}" if args.save else None)
             row.update(model=model, seconds=round(time.perf_counter() - started, 1))
             rows.append(row)
             print(f"{model} N={n}: memorised gain {row['memorised']['camera_gain']:.2f}x, "
@@ -212,7 +308,8 @@ def joint(args, settings, info) -> None:
     record = {"benchmark": "camera_pathway_jointly", "date": time.strftime("%Y-%m-%d"),
               "machine": info, "settings": {"steps": args.steps, "lr": args.lr, "batch": args.batch,
                                            "unseen": args.unseen, "pool": args.pool,
-                                           "elevation": settings.elevation},
+                                           "elevation": settings.elevation, "views": args.views,
+                                           "vary": args.vary, "t_low": args.t_low},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

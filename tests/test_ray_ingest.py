@@ -114,7 +114,7 @@ def test_two_workers_run_the_same_kinds_on_disjoint_rows(data, ray_cluster):
     from mvdream_platform.training.config import DataConfig
 
     cfg = DataConfig(uri=data["mv"], image_uri=data["2d"], resolution=16, multiview_batch=2,
-                     image_batch=3, loader="ray_data")
+                     image_batch=3, loader="ray_data", background="white")
     steps = 8
     datasets = build_datasets(cfg, seed=0, steps=steps, world=2)
     splits = {k: ds.streaming_split(2, equal=False) for k, ds in datasets.items()}  # as Ray Train does
@@ -137,6 +137,7 @@ def test_two_workers_run_the_same_kinds_on_disjoint_rows(data, ray_cluster):
             assert b.images.shape == ((8, 3, 16, 16) if b.kind == MULTIVIEW else (3, 3, 16, 16))
             if b.kind == MULTIVIEW:
                 assert b.cameras.shape == (8, 16) and len(b.captions) == 8
+                assert torch.all(b.images[:, :, 0, 0] == 1.0)  # data.background=white
     # within an epoch a row goes to one rank only
     first_epoch = [{(e, o) for b in seen[r] if b.kind == MULTIVIEW for e, o in zip(b.epochs, b.object_ids)}
                    for r in (0, 1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -177,6 +178,9 @@ def test_bad_training_config_is_rejected_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"timestep_bias_range \[900, 1200\] reaches past the model's 1000"):
         job.run(compose("train", TINY + [f"data.uri={tmp_path}", "trainer.timestep_bias_range=[900,1200]",
                                          "trainer.timestep_bias_multiplier=2", f"run.storage_path={tmp_path}"]))
+    with pytest.raises(ValueError, match="data.background: .* got 'pink'"):
+        job.run(compose("train", TINY + ["data.uri=x", "data.background=pink",
+                                         f"run.storage_path={tmp_path}"]))
     with pytest.raises(ValueError, match="data.p_multiview"):
         job.run(compose("train", TINY + ["data.uri=x", "data.p_multiview=1.5",
                                          f"run.storage_path={tmp_path}"]))
@@ -186,6 +190,28 @@ def test_bad_training_config_is_rejected_by_name(tmp_path):
     with pytest.raises(ValueError, match="preservation_weight > 0 .* not supported with cluster.parallel_strategy=fsdp"):
         job.run(compose("train", TINY + ["data.uri=x", "cluster.parallel_strategy=fsdp",
                                          "trainer.preservation_weight=1", f"run.storage_path={tmp_path}"]))
+
+
+def test_the_training_loader_composites_the_renders_over_data_background(data):
+    """``data.background`` reaches the multi-view items: one random grey per object by default
+    (MVDream's), the same fixed level everywhere when set."""
+    from omegaconf import OmegaConf
+
+    from mvdream_platform.training.config import TrainJobConfig
+    from mvdream_platform.training.loop import make_loader
+
+    def corners(*overrides):  # (objects,) top-left pixel of each object's first view, red channel
+        cfg = compose("train", TINY + [f"data.uri={data['mv']}", "data.image_uri=null",
+                                       "data.p_multiview=1.0", *overrides])
+        job = TrainJobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        batches = list(itertools.islice(make_loader(job, rank=0, world=1, start_micro_step=0), 3))
+        assert [b.kind for b in batches] == ["multiview"] * 3
+        return np.concatenate([b.images[::4, 0, 0, 0].numpy() for b in batches])
+
+    random = corners()
+    assert len(np.unique(random.round(4))) == len(random)  # a grey of its own per object
+    np.testing.assert_allclose(corners("data.background=grey"), 0.0, atol=1e-6)  # 0.5 -> 0 in [-1, 1]
+    np.testing.assert_allclose(corners("data.background=0.25"), -0.5, atol=1e-6)
 
 
 def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):

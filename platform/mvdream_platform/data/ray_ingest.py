@@ -236,7 +236,7 @@ def build_datasets(data, *, seed: int, steps: int, world: int, start_epochs: dic
         files = [storage.join(data.uri, s["name"]) for s in manifest["shards"]]
         epochs = epochs_needed(steps, data.multiview_batch, world, share[MULTIVIEW], manifest["rows"])
         kinds.append((MULTIVIEW, files, epochs, MULTIVIEW_COLUMNS,
-                      DecodeMultiView(data.num_views, data.resolution, "random_grey", seed)))
+                      DecodeMultiView(data.num_views, data.resolution, data.background, seed)))
     if data.image_uri:
         files, _ = list_image_shards(data.image_uri)
         files = [f for f in files if f.endswith(".parquet")]

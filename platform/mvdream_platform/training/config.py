@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import build
+from ..data.datasets import parse_background
 from ..diffusion import PREDICTION_TYPES, check_terminal_snr
 from ..pipelines.loading import ModelConfig
 from .optim import LR_SCHEDULES
@@ -35,6 +36,9 @@ class DataConfig:
     # streams sharded records, decoding on any CPU of the cluster (data/ray_ingest.py)
     loader: str = "mixture"
     ingest_cpus_per_task: float = 0.5  # loader=ray_data: CPUs of each read / decode task
+    # What the multi-view renders are composited over: "random_grey" (one grey level per item,
+    # as MVDream trains), or a fixed "grey" / "white" / "black" / level in [0, 1] / [r, g, b]
+    background: Any = "random_grey"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,6 +55,10 @@ class DataConfig:
             raise ValueError(f"data.loader must be one of {DATA_LOADERS}, got {self.loader!r}")
         if not self.ingest_cpus_per_task > 0:
             raise ValueError(f"data.ingest_cpus_per_task must be > 0, got {self.ingest_cpus_per_task}")
+        try:
+            parse_background(self.background)
+        except ValueError as err:
+            raise ValueError(f"data.background: {err}") from None
 
 
 @dataclass
