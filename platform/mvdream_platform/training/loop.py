@@ -235,7 +235,8 @@ def make_loader(cfg: TrainJobConfig, rank: int, world: int, start_micro_step: in
                               start_step=start_micro_step)
     return MixtureLoader.from_uris(
         data.uri, data.image_uri, resolution=data.resolution, num_views=data.num_views,
-        background=data.background, seed=cfg.trainer.seed, multiview_batch=data.multiview_batch, image_batch=data.image_batch,
+        background=data.background, seed=cfg.trainer.seed, multiview_batch=data.multiview_batch,
+        image_batch=data.image_batch,
         p_multiview=data.p_multiview, rank=rank, world_size=world, num_workers=data.num_workers,
         start_step=start_micro_step,
     )
