@@ -108,7 +108,7 @@ class _Orbit:
             fovy, distance = drawn["fovy_deg"], drawn["distance"]
         else:
             fovy = settings.gt_fovy_deg
-            distance = settings.gt_fill / np.sin(np.radians(fovy) / 2)
+            distance = render.distance_to_fit(fovy, settings.gt_fill)
         light = render.random_light(drawn["light_seed"]) if "light" in vary else None
         azimuths = np.arange(32) * 360.0 / 32
         c2w = orbit_camera_to_world(elevation, mvdream_to_orbit_azimuth(azimuths), distance)
