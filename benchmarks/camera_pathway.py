@@ -40,7 +40,12 @@ shows (the scoring never changes: benchmark cameras, t = T - 1, mid-grey):
   object's elevation, fov and distance ("zoom") and light drawn as ``jobs/prepare_data.py``
   draws them, and a random grey background per item, as ``MultiViewDataset`` draws it;
 - ``training``: ``start`` with all four varied;
-- ``--t-low L``: t uniform in [L, T - 1] per item instead of t = T - 1.
+- ``--t-low L``: t uniform in [L, T - 1] per item instead of t = T - 1;
+- ``loader --data URI``: the training job's own batches (``MixtureLoader.from_uris`` on a
+  prepared multi-view folder, multi-view steps only, captions encoded per view as
+  ``training.loop`` encodes them): every object of the world, marked or not, open captions and
+  composites included. N is then the world's size, not a memorised set, and the "memorised"
+  column is not scored. It asks whether what stops a real fine-tune is the data or the loop.
 """
 
 from __future__ import annotations
@@ -185,7 +190,8 @@ def _gain(error, items, draws: int) -> dict:
 
 def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, batch: int,
                      seed: int, views: str = "fixed", t_low: int | None = None,
-                     vary: tuple[str, ...] = (), save: Path | None = None) -> dict:
+                     vary: tuple[str, ...] = (), save: Path | None = None,
+                     data_uri: str | None = None) -> dict:
     """Fine-tune a copy of the UNet on ``objects``' views (``views``: fixed / start / training,
     see the module docstring), ``batch`` objects a step, at t = T - 1 or t in [t_low, T - 1];
     the camera gain at t = T - 1 on the memorised objects' benchmark views and on ``unseen``."""
@@ -196,6 +202,8 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
     if views == "fixed":
         def draw(i):
             return data[i]
+    elif views == "loader":
+        batches = _loader_batches(pipe, data_uri, settings.num_views, batch, seed)
     else:
         vary = VARIED if views == "training" else tuple(vary)
         orbits = [_Orbit(pipe, obj, i, settings, vary) for i, obj in enumerate(objects)]
@@ -203,15 +211,36 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
         def draw(i):
             return orbits[i].item(generator)
     fit_error = _last_step_error(pipe, unet, settings.num_views, generator, t_low)
-    _fit(unet, fit_error, lambda: [draw(int(i)) for i in
-                                   torch.randperm(len(data), generator=generator)[:batch]], steps, lr)
+    if views == "loader":
+        _fit(unet, fit_error, lambda: [next(batches)], steps, lr)
+    else:
+        _fit(unet, fit_error, lambda: [draw(int(i)) for i in
+                                       torch.randperm(len(data), generator=generator)[:batch]],
+             steps, lr)
     error = _last_step_error(pipe, unet, settings.num_views, generator)
     if save:  # the memorised model as a pipeline, for benchmarks/consistency.py and marker_fit.py
         MVDreamPipeline(unet=unet, text_encoder=pipe.text_encoder, codec=pipe.codec,
                         scheduler=pipe.scheduler).save_pretrained(save)
     return {"objects": len(objects), "views": views, "t_low": t_low,
             "vary": [] if views == "fixed" else list(vary),
-            "memorised": _gain(error, data, draws=2), "unseen": _gain(error, held, draws=2)}
+            "memorised": None if views == "loader" else _gain(error, data, draws=2),
+            "unseen": _gain(error, held, draws=2)}
+
+
+def _loader_batches(pipe, data_uri: str, views: int, batch: int, seed: int):
+    """The training job's multi-view batches of ``data_uri`` as (x0, context, cameras) tuples
+    of ``batch`` objects each (views contiguous per object, as ``training.loop`` builds them)."""
+    from mvdream_platform.data.mixture import MixtureLoader
+
+    loader = MixtureLoader.from_uris(data_uri, None, resolution=pipe.unet.sample_size,
+                                     num_views=views, seed=seed, multiview_batch=batch,
+                                     image_batch=1, p_multiview=1.0, rank=0, world_size=1,
+                                     num_workers=0)
+    for got in loader:
+        with torch.no_grad():  # yield outside it: a generator suspended inside no_grad leaves
+            item = (pipe.codec.encode(got.images),  # grad mode off in its caller
+                    pipe.text_encoder.encode(got.captions), got.cameras)
+        yield item
 
 
 def memorise(pipe, obj, settings, steps: int, lr: float, seed: int) -> dict:
@@ -237,10 +266,12 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=64,
                         help="--jointly memorises from the first POOL marked objects; the unseen ones "
                              "follow them, so every N and every run scores the same unseen objects")
-    parser.add_argument("--views", choices=("fixed", "start", "training"), default="fixed",
+    parser.add_argument("--views", choices=("fixed", "start", "training", "loader"), default="fixed",
                         help="--jointly: which views are memorised (module docstring)")
     parser.add_argument("--vary", nargs="*", choices=VARIED, default=[],
                         help="--views start: which training draws to add (training = all four)")
+    parser.add_argument("--data", default=None,
+                        help="--views loader: the prepared multi-view folder the training reads")
     parser.add_argument("--t-low", type=int, default=None,
                         help="--jointly: memorise at t uniform in [T_LOW, T - 1] (default: T - 1)")
     parser.add_argument("--save", type=Path, default=None,
@@ -283,7 +314,9 @@ def main() -> None:
 
 def joint(args, settings, info) -> None:
     """``--jointly``: camera gain on memorised sets of N objects and on unseen objects."""
-    if max(args.jointly) > args.pool:
+    if args.views == "loader" and not args.data:
+        raise SystemExit("--views loader needs --data (a prepared multi-view folder)")
+    if args.views != "loader" and max(args.jointly) > args.pool:
         raise SystemExit(f"--jointly sizes must be <= --pool {args.pool}, got {args.jointly}")
     pool = consistency_objects("marker", args.pool + args.unseen, settings.shape_seed)
     unseen = pool[args.pool:]
@@ -292,24 +325,29 @@ def joint(args, settings, info) -> None:
         pipe = MVDreamPipeline.from_pretrained(model)
         for n in args.jointly:
             started = time.perf_counter()
-            row = memorise_jointly(pipe, pool[:n], unseen, settings, args.steps, args.lr,
-                                   min(args.batch, n), seed=n, views=args.views, t_low=args.t_low,
-                                   vary=tuple(args.vary),
-                                   save=args.save / f"N{n}" if args.save else None)
+            loader = args.views == "loader"
+            row = memorise_jointly(pipe, [] if loader else pool[:n], unseen, settings, args.steps,
+                                   args.lr, args.batch if loader else min(args.batch, n), seed=n,
+                                   views=args.views, t_low=args.t_low, vary=tuple(args.vary),
+                                   save=args.save / f"N{n}" if args.save else None,
+                                   data_uri=args.data)
             row.update(model=model, seconds=round(time.perf_counter() - started, 1))
             rows.append(row)
-            print(f"{model} N={n}: memorised gain {row['memorised']['camera_gain']:.2f}x, "
+            memorised = row["memorised"]["camera_gain"] if row["memorised"] else float("nan")
+            print(f"{model} N={n}: memorised gain {memorised:.2f}x, "
                   f"unseen {row['unseen']['camera_gain']:.2f}x ({row['seconds']} s)", flush=True)
     print("| model | objects memorised together | camera gain, memorised | camera gain, unseen |")
     print("| --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['model']} | {row['objects']} | {row['memorised']['camera_gain']:.2f}x | "
+        memorised = f"{row['memorised']['camera_gain']:.2f}x" if row["memorised"] else "-"
+        print(f"| {row['model']} | {row['objects']} | {memorised} | "
               f"{row['unseen']['camera_gain']:.2f}x |")
     record = {"benchmark": "camera_pathway_jointly", "date": time.strftime("%Y-%m-%d"),
               "machine": info, "settings": {"steps": args.steps, "lr": args.lr, "batch": args.batch,
                                            "unseen": args.unseen, "pool": args.pool,
                                            "elevation": settings.elevation, "views": args.views,
-                                           "vary": args.vary, "t_low": args.t_low},
+                                           "vary": args.vary, "t_low": args.t_low,
+                                           "data": args.data},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
