@@ -41,6 +41,8 @@ shows (the scoring never changes: benchmark cameras, t = T - 1, mid-grey):
   draws them, and a random grey background per item, as ``MultiViewDataset`` draws it;
 - ``training``: ``start`` with all four varied;
 - ``--t-low L``: t uniform in [L, T - 1] per item instead of t = T - 1;
+- ``--t-mix P``: a share P of each step's objects at t uniform in [0, T - 1], the rest at T - 1,
+  fitted with the training loss, as a training batch mixes them;
 - ``loader --data URI``: the training job's own batches (``MixtureLoader.from_uris`` on a
   prepared multi-view folder, multi-view steps only, captions encoded per view as
   ``training.loop`` encodes them): every object of the world, marked or not, open captions and
@@ -136,9 +138,12 @@ class _Orbit:
             return self.pipe.codec.encode(got["images"]), self.context, got["cameras"]
 
 
-def _last_step_error(pipe, unet, views: int, generator, t_low: int | None = None):
+def _last_step_error(pipe, unet, views: int, generator, t_low: int | None = None,
+                     t_mix: float = 0.0):
     """error(items, turned=False): the x0 error of [(x0, context, cameras), ...] at t = T - 1
-    (or, with ``t_low``, at one t per item drawn uniformly from [t_low, T - 1]), each item
+    (or, with ``t_low``, at one t per item drawn uniformly from [t_low, T - 1]; with ``t_mix``,
+    that share of the objects at t uniform in [0, T - 1] instead, as a training batch mixes
+    them; the loss is then the training loss, the v or eps error, not the x0 error), each item
     seen with its own F cameras, or with them turned by 180 degrees (rolled by F / 2), on
     fresh noise from ``generator``."""
     schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config))
@@ -150,6 +155,15 @@ def _last_step_error(pipe, unet, views: int, generator, t_low: int | None = None
         context = torch.cat([c for _, c, _ in items])
         camera = torch.cat([torch.roll(cam, views // 2, dims=0) if turned else cam
                             for _, _, cam in items])
+        if t_mix:
+            objects = len(x0) // views
+            t = torch.where(torch.rand(objects, generator=generator) < t_mix,
+                            torch.randint(0, last + 1, (objects,), generator=generator),
+                            torch.full((objects,), last)).repeat_interleave(views)
+            noise = torch.randn(x0.shape, generator=generator)
+            x_t = schedule.add_noise(x0, noise, t)
+            out = unet(x_t, t, context, camera=camera, num_frames=views).sample
+            return (out - schedule.target(x0, noise, t, prediction_type)).pow(2).mean()
         if t_low is None:
             t, abar = torch.full((len(x0),), last), schedule.abar_at(last)
         else:
@@ -191,7 +205,7 @@ def _gain(error, items, draws: int) -> dict:
 def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, batch: int,
                      seed: int, views: str = "fixed", t_low: int | None = None,
                      vary: tuple[str, ...] = (), save: Path | None = None,
-                     data_uri: str | None = None) -> dict:
+                     data_uri: str | None = None, t_mix: float = 0.0) -> dict:
     """Fine-tune a copy of the UNet on ``objects``' views (``views``: fixed / start / training,
     see the module docstring), ``batch`` objects a step, at t = T - 1 or t in [t_low, T - 1];
     the camera gain at t = T - 1 on the memorised objects' benchmark views and on ``unseen``."""
@@ -210,7 +224,7 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
 
         def draw(i):
             return orbits[i].item(generator)
-    fit_error = _last_step_error(pipe, unet, settings.num_views, generator, t_low)
+    fit_error = _last_step_error(pipe, unet, settings.num_views, generator, t_low, t_mix)
     if views == "loader":
         _fit(unet, fit_error, lambda: [next(batches)], steps, lr)
     else:
@@ -221,7 +235,7 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
     if save:  # the memorised model as a pipeline, for benchmarks/consistency.py and marker_fit.py
         MVDreamPipeline(unet=unet, text_encoder=pipe.text_encoder, codec=pipe.codec,
                         scheduler=pipe.scheduler).save_pretrained(save)
-    return {"objects": len(objects), "views": views, "t_low": t_low,
+    return {"objects": len(objects), "views": views, "t_low": t_low, "t_mix": t_mix,
             "vary": [] if views == "fixed" else list(vary),
             "memorised": None if views == "loader" else _gain(error, data, draws=2),
             "unseen": _gain(error, held, draws=2)}
@@ -274,6 +288,9 @@ def main() -> None:
                         help="--views loader: the prepared multi-view folder the training reads")
     parser.add_argument("--t-low", type=int, default=None,
                         help="--jointly: memorise at t uniform in [T_LOW, T - 1] (default: T - 1)")
+    parser.add_argument("--t-mix", type=float, default=0.0,
+                        help="--jointly: this share of each step's objects at t uniform in "
+                             "[0, T - 1], the rest at T - 1, fitted with the training loss")
     parser.add_argument("--save", type=Path, default=None,
                         help="--jointly: save each memorised model as a pipeline in SAVE/N<n>")
     parser.add_argument("--threads", type=int, default=2)
@@ -330,7 +347,7 @@ def joint(args, settings, info) -> None:
                                    args.lr, args.batch if loader else min(args.batch, n), seed=n,
                                    views=args.views, t_low=args.t_low, vary=tuple(args.vary),
                                    save=args.save / f"N{n}" if args.save else None,
-                                   data_uri=args.data)
+                                   data_uri=args.data, t_mix=args.t_mix)
             row.update(model=model, seconds=round(time.perf_counter() - started, 1))
             rows.append(row)
             memorised = row["memorised"]["camera_gain"] if row["memorised"] else float("nan")
@@ -347,7 +364,7 @@ def joint(args, settings, info) -> None:
                                            "unseen": args.unseen, "pool": args.pool,
                                            "elevation": settings.elevation, "views": args.views,
                                            "vary": args.vary, "t_low": args.t_low,
-                                           "data": args.data},
+                                           "data": args.data, "t_mix": args.t_mix},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
