@@ -78,6 +78,7 @@ from mvdream_platform.evaluation.consistency import (
     view_cameras,
 )
 from mvdream_platform.pipelines import MVDreamPipeline
+from mvdream_platform.training.losses import diffusion_loss, timestep_weights
 
 from machine_info import describe
 
@@ -149,21 +150,25 @@ def _last_step_error(pipe, unet, views: int, generator, t_low: int | None = None
     schedule = NoiseSchedule.from_scheduler_config(dict(pipe.scheduler.config))
     prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
     last = schedule.num_train_timesteps - 1
+    # t = T - 1 with probability 1 - t_mix, else uniform on {0, ..., T - 1}: the "range" bias
+    # [T - 1, T) of the training job with the multiplier m that gives
+    # p(T - 1) = m / (T - 1 + m) = 1 - t_mix + t_mix / T.
+    mix_weights = None
+    if t_mix:
+        if not 0.0 < t_mix <= 1.0:
+            raise ValueError(f"t_mix must be in (0, 1], got {t_mix!r}")
+        p_last = 1.0 - t_mix + t_mix / schedule.num_train_timesteps
+        mix_weights = timestep_weights(schedule.num_train_timesteps, [last, last + 1],
+                                       last * p_last / (1.0 - p_last))
 
     def error(items, turned: bool = False) -> torch.Tensor:
         x0 = torch.cat([x for x, _, _ in items])
         context = torch.cat([c for _, c, _ in items])
         camera = torch.cat([torch.roll(cam, views // 2, dims=0) if turned else cam
                             for _, _, cam in items])
-        if t_mix:
-            objects = len(x0) // views
-            t = torch.where(torch.rand(objects, generator=generator) < t_mix,
-                            torch.randint(0, last + 1, (objects,), generator=generator),
-                            torch.full((objects,), last)).repeat_interleave(views)
-            noise = torch.randn(x0.shape, generator=generator)
-            x_t = schedule.add_noise(x0, noise, t)
-            out = unet(x_t, t, context, camera=camera, num_frames=views).sample
-            return (out - schedule.target(x0, noise, t, prediction_type)).pow(2).mean()
+        if t_mix:  # the training job's own loss and timestep draw, not a copy of them
+            return diffusion_loss(unet, x0, context, camera, views, schedule, prediction_type,
+                                  generator=generator, t_weights=mix_weights)[0]
         if t_low is None:
             t, abar = torch.full((len(x0),), last), schedule.abar_at(last)
         else:
@@ -217,7 +222,7 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
         def draw(i):
             return data[i]
     elif views == "loader":
-        batches = _loader_batches(pipe, data_uri, settings.num_views, batch, seed)
+        world, batches = _loader_batches(pipe, data_uri, settings.num_views, batch, seed)
     else:
         vary = VARIED if views == "training" else tuple(vary)
         orbits = [_Orbit(pipe, obj, i, settings, vary) for i, obj in enumerate(objects)]
@@ -235,26 +240,31 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
     if save:  # the memorised model as a pipeline, for benchmarks/consistency.py and marker_fit.py
         MVDreamPipeline(unet=unet, text_encoder=pipe.text_encoder, codec=pipe.codec,
                         scheduler=pipe.scheduler).save_pretrained(save)
-    return {"objects": len(objects), "views": views, "t_low": t_low, "t_mix": t_mix,
+    return {"objects": world if views == "loader" else len(objects), "views": views, "t_low": t_low, "t_mix": t_mix,
             "vary": [] if views == "fixed" else list(vary),
             "memorised": None if views == "loader" else _gain(error, data, draws=2),
             "unseen": _gain(error, held, draws=2)}
 
 
 def _loader_batches(pipe, data_uri: str, views: int, batch: int, seed: int):
-    """The training job's multi-view batches of ``data_uri`` as (x0, context, cameras) tuples
-    of ``batch`` objects each (views contiguous per object, as ``training.loop`` builds them)."""
-    from mvdream_platform.data.mixture import MixtureLoader
+    """(number of objects in ``data_uri``, an iterator of the training job's multi-view batches
+    as (x0, context, cameras) tuples of ``batch`` objects each, views contiguous per object, as
+    ``training.loop`` builds them)."""
+    from mvdream_platform.data.mixture import MULTIVIEW, MixtureLoader
 
     loader = MixtureLoader.from_uris(data_uri, None, resolution=pipe.unet.sample_size,
                                      num_views=views, seed=seed, multiview_batch=batch,
                                      image_batch=1, p_multiview=1.0, rank=0, world_size=1,
                                      num_workers=0)
-    for got in loader:
-        with torch.no_grad():  # yield outside it: a generator suspended inside no_grad leaves
-            item = (pipe.codec.encode(got.images),  # grad mode off in its caller
-                    pipe.text_encoder.encode(got.captions), got.cameras)
-        yield item
+
+    def encoded():
+        for got in loader:
+            with torch.no_grad():  # yield outside it: a generator suspended inside no_grad
+                item = (pipe.codec.encode(got.images),  # leaves grad mode off in its caller
+                        pipe.text_encoder.encode(got.captions), got.cameras)
+            yield item
+
+    return len(loader.datasets[MULTIVIEW]), encoded()
 
 
 def memorise(pipe, obj, settings, steps: int, lr: float, seed: int) -> dict:
