@@ -56,6 +56,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,8 @@ from mvdream_platform.evaluation.consistency import (
     view_cameras,
 )
 from mvdream_platform.pipelines import MVDreamPipeline
-from mvdream_platform.training.losses import diffusion_loss, timestep_weights
+from mvdream_platform.training.losses import diffusion_loss, drop_text, timestep_weights
+from mvdream_platform.training.optim import EMA, build_lr_scheduler, build_optimizer, clip_grad_norm
 
 from machine_info import describe
 
@@ -187,15 +189,58 @@ def _cameras(settings):
     return camera_matrices_to_vectors(view_cameras(settings.num_views, settings.elevation))
 
 
-def _fit(unet, error, next_items, steps: int, lr: float) -> None:
-    """``steps`` Adam steps of ``unet`` on error(next_items()); leaves it in eval mode."""
-    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
+@dataclass(frozen=True)
+class LoopChoices:
+    """The training loop's choices the diagnostic can take up one at a time (all off: plain Adam,
+    as the diagnostic was first run). Each is the loop's own code (``training.optim``,
+    ``training.losses.drop_text``) with the same meaning as the ``trainer.*`` key of that name."""
+
+    weight_decay: float = 0.0   # AdamW decay on >= 2-D weights (build_optimizer; 0 = Adam)
+    grad_clip: float = 0.0      # global-norm clipping (clip_grad_norm; 0 = off)
+    warmup_steps: int = 0       # linear warmup, then constant (build_lr_scheduler)
+    text_dropout: float = 0.0   # empty caption per object (drop_text)
+    ema_decay: float = 0.0      # scored on the EMA weights (EMA; 0 = off)
+
+
+def _fit(unet, error, next_items, steps: int, lr: float, loop: LoopChoices = LoopChoices(),
+         empty: torch.Tensor | None = None, generator: torch.Generator | None = None,
+         views: int = 4) -> dict:
+    """``steps`` optimizer steps of ``unet`` on error(next_items()) with the ``loop`` choices;
+    leaves it in eval mode (holding the EMA weights when ``loop.ema_decay``). ``empty``: the
+    (1, L, D) context of "" for text dropout. Returns the gradient norms' summary."""
+    optimizer = build_optimizer(unet, lr=lr, weight_decay=loop.weight_decay)
+    schedule = build_lr_scheduler(optimizer, warmup_steps=loop.warmup_steps)
+    ema = EMA(unet, decay=loop.ema_decay) if loop.ema_decay else None
+    norms = []
     for _ in range(steps):
-        loss = error(next_items())
+        items = next_items()
+        if loop.text_dropout:
+            items = [_drop_caption(item, loop.text_dropout, empty, generator, views)
+                     for item in items]
+        loss = error(items)
         optimizer.zero_grad()
         loss.backward()
+        norms.append(clip_grad_norm(unet, loop.grad_clip))
         optimizer.step()
+        schedule.step()
+        if ema is not None:
+            ema.update(unet)
+    if ema is not None:
+        ema.copy_to(unet)
     unet.eval()
+    norms = np.asarray(norms)
+    return {"grad_norm_median": round(float(np.median(norms)), 3) if len(norms) else None,
+            "share_clipped": (round(float(np.mean(norms > loop.grad_clip)), 3)
+                              if loop.grad_clip and len(norms) else None)}
+
+
+def _drop_caption(item, p: float, empty: torch.Tensor, generator: torch.Generator, views: int):
+    """(x0, context, cameras) of B*F views with each object's (F, L, D) context replaced by that
+    of "" with probability p, all of its views together: the draw ``drop_text`` makes."""
+    x0, context, cameras = item
+    kept = drop_text(["kept"] * len(x0), p, generator, num_frames=views)
+    keep = torch.tensor([c != "" for c in kept]).view(-1, 1, 1)
+    return x0, torch.where(keep, context, empty.expand_as(context)), cameras
 
 
 def _gain(error, items, draws: int) -> dict:
@@ -210,7 +255,8 @@ def _gain(error, items, draws: int) -> dict:
 def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, batch: int,
                      seed: int, views: str = "fixed", t_low: int | None = None,
                      vary: tuple[str, ...] = (), save: Path | None = None,
-                     data_uri: str | None = None, t_mix: float = 0.0) -> dict:
+                     data_uri: str | None = None, t_mix: float = 0.0,
+                     loop: LoopChoices = LoopChoices()) -> dict:
     """Fine-tune a copy of the UNet on ``objects``' views (``views``: fixed / start / training,
     see the module docstring), ``batch`` objects a step, at t = T - 1 or t in [t_low, T - 1];
     the camera gain at t = T - 1 on the memorised objects' benchmark views and on ``unseen``."""
@@ -231,16 +277,20 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
             return orbits[i].item(generator)
     fit_error = _last_step_error(pipe, unet, settings.num_views, generator, t_low, t_mix)
     if views == "loader":
-        _fit(unet, fit_error, lambda: [next(batches)], steps, lr)
+        def next_items():
+            return [next(batches)]
     else:
-        _fit(unet, fit_error, lambda: [draw(int(i)) for i in
-                                       torch.randperm(len(data), generator=generator)[:batch]],
-             steps, lr)
+        def next_items():
+            return [draw(int(i)) for i in torch.randperm(len(data), generator=generator)[:batch]]
+    with torch.no_grad():
+        empty = pipe.encode_prompts([""], 1)
+    fitted = _fit(unet, fit_error, next_items, steps, lr, loop, empty, generator, settings.num_views)
     error = _last_step_error(pipe, unet, settings.num_views, generator)
     if save:  # the memorised model as a pipeline, for benchmarks/consistency.py and marker_fit.py
         MVDreamPipeline(unet=unet, text_encoder=pipe.text_encoder, codec=pipe.codec,
                         scheduler=pipe.scheduler).save_pretrained(save)
-    return {"objects": world if views == "loader" else len(objects), "views": views, "t_low": t_low, "t_mix": t_mix,
+    return {"objects": world if views == "loader" else len(objects), "views": views,
+            "t_low": t_low, "t_mix": t_mix, "loop": asdict(loop), **fitted,
             "vary": [] if views == "fixed" else list(vary),
             "memorised": None if views == "loader" else _gain(error, data, draws=2),
             "unseen": _gain(error, held, draws=2)}
@@ -301,6 +351,10 @@ def main() -> None:
     parser.add_argument("--t-mix", type=float, default=0.0,
                         help="--jointly: this share of each step's objects at t uniform in "
                              "[0, T - 1], the rest at T - 1, fitted with the training loss")
+    loop = parser.add_argument_group("the training loop's choices, for --jointly (default: off)")
+    for field in fields(LoopChoices):
+        loop.add_argument("--" + field.name.replace("_", "-"), type=int if field.type == "int" else float,
+                          default=field.default, help=f"as trainer.{field.name}")
     parser.add_argument("--save", type=Path, default=None,
                         help="--jointly: save each memorised model as a pipeline in SAVE/N<n>")
     parser.add_argument("--threads", type=int, default=2)
@@ -357,7 +411,9 @@ def joint(args, settings, info) -> None:
                                    args.lr, args.batch if loader else min(args.batch, n), seed=n,
                                    views=args.views, t_low=args.t_low, vary=tuple(args.vary),
                                    save=args.save / f"N{n}" if args.save else None,
-                                   data_uri=args.data, t_mix=args.t_mix)
+                                   data_uri=args.data, t_mix=args.t_mix,
+                                   loop=LoopChoices(**{f.name: getattr(args, f.name)
+                                                       for f in fields(LoopChoices)}))
             row.update(model=model, seconds=round(time.perf_counter() - started, 1))
             rows.append(row)
             memorised = row["memorised"]["camera_gain"] if row["memorised"] else float("nan")
@@ -374,7 +430,9 @@ def joint(args, settings, info) -> None:
                                            "unseen": args.unseen, "pool": args.pool,
                                            "elevation": settings.elevation, "views": args.views,
                                            "vary": args.vary, "t_low": args.t_low,
-                                           "data": args.data, "t_mix": args.t_mix},
+                                           "data": args.data, "t_mix": args.t_mix,
+                                           "loop": {f.name: getattr(args, f.name)
+                                                    for f in fields(LoopChoices)}},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
