@@ -58,7 +58,9 @@ def run(cfg: DictConfig) -> dict:
         if not cfg.input:
             raise ValueError("input is required for source=images: a folder/URI of images or 'builtin'")
         pairs = (prepare.builtin_pairs(cfg.num_objects, seed=cfg.seed, resolution=cfg.resolution,
-                                         front_share=cfg.front_share)
+                                         front_share=cfg.front_share,
+                                         composite_share=cfg.composite_share,
+                                         open_share=cfg.open_share)
                  if cfg.input == "builtin" else prepare.folder_pairs(cfg.input, captions))
         manifest = prepare.prepare_text_images(pairs, cfg.out, rows_per_shard=cfg.rows_per_shard,
                                                source=str(cfg.input))
@@ -69,6 +71,7 @@ def run(cfg: DictConfig) -> dict:
         views=cfg.views, resolution=cfg.resolution, elevation_deg=tuple(cfg.elevation_deg),
         fovy_deg=tuple(cfg.fovy_deg), fill=tuple(cfg.fill), random_light=cfg.random_light,
         antialias=cfg.antialias, seed=cfg.seed, front_share=cfg.front_share,
+        composite_share=cfg.composite_share, open_share=cfg.open_share,
     )
     if cfg.source == "shapes":
         specs = prepare.plan_shapes(cfg.num_objects, seed=cfg.seed)

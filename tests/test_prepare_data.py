@@ -178,3 +178,40 @@ def test_front_share_sets_the_share_of_marked_objects():
     with pytest.raises(ValueError, match="front_share must lie in"):
         _prepare("source=shapes", "num_objects=1", "views=4", "resolution=16", "backend=serial",
                  "front_share=1.5", "out=memory://prep/front_bad")
+
+
+def test_composite_and_open_shares_set_the_grammar():
+    """composite_share=0 and open_share=0: single parts whose captions name every attribute;
+    composite_share=1: every object a pair; both reach the 2D set too, and bad shares are named."""
+    closed, pairs = "memory://prep/closed", "memory://prep/pairs"
+    _prepare("source=shapes", "num_objects=12", "views=4", "resolution=16", "backend=serial",
+             "front_share=1.0", "composite_share=0.0", "open_share=0.0", f"out={closed}")
+    _prepare("source=shapes", "num_objects=6", "views=4", "resolution=16", "backend=serial",
+             "composite_share=1.0", f"out={pairs}")
+
+    def records(out):
+        text = storage.read_bytes(storage.join(out, layout.MANIFEST)).decode()
+        return [json.loads(line) for line in text.splitlines()]
+
+    closed_records = records(closed)
+    assert len(closed_records) == 12
+    for record in closed_records:
+        attributes = record["attributes"]
+        (part,) = attributes["parts"]
+        assert attributes["relation"] is None and attributes["open"] == []
+        assert f"{part['colour']} " in record["caption"]
+        assert record["caption"].endswith(f"with a {part['front']} front")
+    assert all(r["attributes"]["relation"] is not None and len(r["attributes"]["parts"]) == 2
+               for r in records(pairs))
+    rows = _prepare("source=images", "input=builtin", "num_objects=6", "resolution=16",
+                    "composite_share=0.0", "open_share=0.0", "out=memory://prep/closed_images")
+    table = pq.read_table(io.BytesIO(storage.read_bytes(
+        storage.join("memory://prep/closed_images", rows["shards"][0]["name"]))))
+    renders = [c for k, c in zip(table.column("key").to_pylist(), table.column("caption").to_pylist())
+               if k.startswith("render-")]
+    assert len(renders) == 6
+    assert not any(re.search(r"next to|left of|right of|on top of|behind|front mark", c) for c in renders)
+    for name in ("composite_share=2.0", "open_share=-0.1"):
+        with pytest.raises(ValueError, match=f"{name.split('=')[0]} must lie in"):
+            _prepare("source=shapes", "num_objects=1", "views=4", "resolution=16",
+                     "backend=serial", name, "out=memory://prep/share_bad")

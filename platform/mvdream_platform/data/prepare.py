@@ -68,15 +68,23 @@ class RenderSettings:
     random_light: bool = True
     antialias: int = 2
     seed: int = 0
-    # shapes only: share of objects whose (first) part carries a front marker
-    # (None = the grammar's default, ``shapes.DEFAULT_P_FRONT``).
+    # shapes only (None = the grammar's default, ``shapes.DEFAULT_P_*``): share of objects whose
+    # (first) part carries a front marker, share of two-part objects, and the chance that the
+    # caption leaves out each attribute (colour, adjective, marker colour, side).
     front_share: float | None = None
+    composite_share: float | None = None
+    open_share: float | None = None
+
+    @property
+    def grammar(self) -> dict[str, float]:
+        """``make_object``'s keyword arguments for these shares."""
+        return grammar_shares(self.front_share, self.composite_share, self.open_share)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        p_front_for(self.front_share)
+        self.grammar  # noqa: B018 (raises on a share outside [0, 1])
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.resolution < 8:
@@ -91,19 +99,25 @@ class RenderSettings:
             raise ValueError(f"elevation_deg must lie in (-90, 90), got {self.elevation_deg}")
 
 
-def p_front_for(front_share: float | None) -> float:
-    """The grammar's ``p_front`` for a ``front_share`` setting (None: the grammar's default).
+def grammar_shares(front_share: float | None = None, composite_share: float | None = None,
+                   open_share: float | None = None) -> dict[str, float]:
+    """``make_object``'s ``p_front``, ``p_composite`` and ``p_open`` for the prepare settings'
+    shares (None: the grammar's default).
 
     Raises:
-        ValueError: ``front_share`` is not None and outside [0, 1].
+        ValueError: a share is not None and outside [0, 1] (named in the message).
     """
-    from .shapes import DEFAULT_P_FRONT
+    from . import shapes
 
-    if front_share is None:
-        return DEFAULT_P_FRONT
-    if not 0.0 <= front_share <= 1.0:
-        raise ValueError(f"front_share must lie in [0, 1] (or be null), got {front_share}")
-    return float(front_share)
+    shares = {"front_share": (front_share, "p_front", shapes.DEFAULT_P_FRONT),
+              "composite_share": (composite_share, "p_composite", shapes.DEFAULT_P_COMPOSITE),
+              "open_share": (open_share, "p_open", shapes.DEFAULT_P_OPEN)}
+    out = {}
+    for name, (value, keyword, default) in shares.items():
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1] (or be null), got {value}")
+        out[keyword] = default if value is None else float(value)
+    return out
 
 
 @dataclass
@@ -259,7 +273,7 @@ def build_object(spec: ObjectSpec, settings: RenderSettings):
     if spec.kind == "shape":
         from .shapes import make_object
 
-        obj = make_object(spec.index, seed=settings.seed, p_front=p_front_for(settings.front_share))
+        obj = make_object(spec.index, seed=settings.seed, **settings.grammar)
         return obj.mesh, obj.caption, dict(obj.attributes)
     if spec.kind == "mesh":
         with _local_copy(spec.path) as local:
@@ -474,22 +488,23 @@ class ImagePair:
 
 
 def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256,
-                  front_share: float | None = None) -> Iterator[ImagePair]:
+                  front_share: float | None = None, composite_share: float | None = None,
+                  open_share: float | None = None) -> Iterator[ImagePair]:
     """The default 2D set: one render of each procedural object, then the bundled photos.
 
     Procedural objects use indices from 1_000_000 on, so the 2D set never repeats an object of
     the multi-view set; each gets one random view (random elevation, azimuth, fov).
-    ``front_share``: share of marked objects (None = the grammar's default).
+    The shares: as :class:`RenderSettings`' (None = the grammar's default).
     """
     from skimage import data as photos
 
     from . import render
     from .shapes import make_object
 
-    p_front = p_front_for(front_share)
+    grammar = grammar_shares(front_share, composite_share, open_share)
     rng = np.random.default_rng(seed)
     for i in range(num_objects):
-        obj = make_object(1_000_000 + i, seed=seed, p_front=p_front)
+        obj = make_object(1_000_000 + i, seed=seed, **grammar)
         elevation, azimuth = rng.uniform(0, 30), rng.uniform(0, 360)
         fovy = rng.uniform(30, 50)
         distance = rng.uniform(1.0, 1.15) / math.sin(math.radians(fovy) / 2)
