@@ -48,6 +48,11 @@ shows (the scoring never changes: benchmark cameras, t = T - 1, mid-grey):
   ``training.loop`` encodes them): every object of the world, marked or not, open captions and
   composites included. N is then the world's size, not a memorised set, and the "memorised"
   column is not scored. It asks whether what stops a real fine-tune is the data or the loop.
+
+``--weight-decay --grad-clip --warmup-steps --text-dropout --ema-decay`` (default off: plain
+Adam) take up the training loop's other choices, each through the loop's own code
+(``training.optim``, ``training.losses.drop_text``), with the meaning of the ``trainer.*`` key of
+the same name; the row records the gradient norm's median and the share of clipped steps.
 """
 
 from __future__ import annotations

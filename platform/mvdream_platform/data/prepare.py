@@ -84,7 +84,7 @@ class RenderSettings:
         self.validate()
 
     def validate(self) -> None:
-        self.grammar  # noqa: B018 (raises on a share outside [0, 1])
+        grammar_shares(self.front_share, self.composite_share, self.open_share)  # raises if out of [0, 1]
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.resolution < 8:
