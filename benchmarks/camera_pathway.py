@@ -288,7 +288,7 @@ def memorise_jointly(pipe, objects, unseen, settings, steps: int, lr: float, bat
         def next_items():
             return [draw(int(i)) for i in torch.randperm(len(data), generator=generator)[:batch]]
     with torch.no_grad():
-        empty = pipe.encode_prompts([""], 1)
+        empty = pipe.encode_prompts([""], 1) if loop.text_dropout else None
     fitted = _fit(unet, fit_error, next_items, steps, lr, loop, empty, generator, settings.num_views)
     error = _last_step_error(pipe, unet, settings.num_views, generator)
     if save:  # the memorised model as a pipeline, for benchmarks/consistency.py and marker_fit.py
@@ -404,6 +404,7 @@ def joint(args, settings, info) -> None:
         raise SystemExit("--views loader needs --data (a prepared multi-view folder)")
     if args.views != "loader" and max(args.jointly) > args.pool:
         raise SystemExit(f"--jointly sizes must be <= --pool {args.pool}, got {args.jointly}")
+    loop = LoopChoices(**{f.name: getattr(args, f.name) for f in fields(LoopChoices)})
     pool = consistency_objects("marker", args.pool + args.unseen, settings.shape_seed)
     unseen = pool[args.pool:]
     rows = []
@@ -416,9 +417,7 @@ def joint(args, settings, info) -> None:
                                    args.lr, args.batch if loader else min(args.batch, n), seed=n,
                                    views=args.views, t_low=args.t_low, vary=tuple(args.vary),
                                    save=args.save / f"N{n}" if args.save else None,
-                                   data_uri=args.data, t_mix=args.t_mix,
-                                   loop=LoopChoices(**{f.name: getattr(args, f.name)
-                                                       for f in fields(LoopChoices)}))
+                                   data_uri=args.data, t_mix=args.t_mix, loop=loop)
             row.update(model=model, seconds=round(time.perf_counter() - started, 1))
             rows.append(row)
             memorised = row["memorised"]["camera_gain"] if row["memorised"] else float("nan")
@@ -436,8 +435,7 @@ def joint(args, settings, info) -> None:
                                            "elevation": settings.elevation, "views": args.views,
                                            "vary": args.vary, "t_low": args.t_low,
                                            "data": args.data, "t_mix": args.t_mix,
-                                           "loop": {f.name: getattr(args, f.name)
-                                                    for f in fields(LoopChoices)}},
+                                           "loop": asdict(loop)},
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
