@@ -60,7 +60,8 @@ def run(cfg: DictConfig) -> dict:
         pairs = (prepare.builtin_pairs(cfg.num_objects, seed=cfg.seed, resolution=cfg.resolution,
                                          front_share=cfg.front_share,
                                          composite_share=cfg.composite_share,
-                                         open_share=cfg.open_share)
+                                         open_share=cfg.open_share,
+                                         closed_fronts=cfg.closed_fronts)
                  if cfg.input == "builtin" else prepare.folder_pairs(cfg.input, captions))
         manifest = prepare.prepare_text_images(pairs, cfg.out, rows_per_shard=cfg.rows_per_shard,
                                                source=str(cfg.input))
@@ -72,6 +73,7 @@ def run(cfg: DictConfig) -> dict:
         fovy_deg=tuple(cfg.fovy_deg), fill=tuple(cfg.fill), random_light=cfg.random_light,
         antialias=cfg.antialias, seed=cfg.seed, front_share=cfg.front_share,
         composite_share=cfg.composite_share, open_share=cfg.open_share,
+        closed_fronts=cfg.closed_fronts,
     )
     if cfg.source == "shapes":
         specs = prepare.plan_shapes(cfg.num_objects, seed=cfg.seed)

@@ -211,7 +211,14 @@ def test_composite_and_open_shares_set_the_grammar():
                if k.startswith("render-")]
     assert len(renders) == 6
     assert not any(re.search(r"next to|left of|right of|on top of|behind|front mark", c) for c in renders)
-    for name in ("composite_share=2.0", "open_share=-0.1"):
-        with pytest.raises(ValueError, match=f"{name.split('=')[0]} must lie in"):
+    _prepare("source=shapes", "num_objects=10", "views=4", "resolution=16", "backend=serial",
+             "front_share=0.5", "closed_fronts=true", "out=memory://prep/closed_fronts")
+    fronts = records("memory://prep/closed_fronts")
+    assert any(r["attributes"]["parts"][0]["front"] for r in fronts)
+    for record in fronts:
+        if record["attributes"]["parts"][0]["front"]:
+            assert record["attributes"]["open"] == [] and len(record["attributes"]["parts"]) == 1
+    for name in ("composite_share=2.0", "open_share=-0.1", "closed_fronts=maybe"):
+        with pytest.raises(ValueError, match=f"{name.split('=')[0]} must (lie in|be true)"):
             _prepare("source=shapes", "num_objects=1", "views=4", "resolution=16",
                      "backend=serial", name, "out=memory://prep/share_bad")

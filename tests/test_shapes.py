@@ -351,6 +351,31 @@ def test_restricted_vocabularies_and_probabilities():
     assert make_object(0, colours=["red"], p_composite=1.0).caption.count("red") == 2
 
 
+def test_closed_fronts_close_marked_objects_only():
+    """closed_fronts: every marked object is one part whose caption names every attribute
+    (the caption ends with the marker's colour); unmarked objects keep composites and open
+    captions; without the option the derivations are those of every earlier world."""
+    specs = [sample_spec(i, 5, p_front=0.5, p_composite=0.6, p_open=0.5, closed_fronts=True)
+             for i in range(120)]
+    marked = [s for s in specs if s["parts"][0]["front"] is not None]
+    unmarked = [s for s in specs if s["parts"][0]["front"] is None]
+    assert 40 <= len(marked) <= 80
+    for spec in marked:
+        assert spec["relation"] is None and len(spec["parts"]) == 1 and spec["open"] == []
+    assert any(s["relation"] is not None for s in unmarked)
+    assert any(s["open"] for s in unmarked)
+    for i in range(0, 120, 7):
+        obj = make_object(i, 5, p_front=0.5, p_composite=0.6, p_open=0.5, closed_fronts=True)
+        part = obj.attributes["parts"][0]
+        if part["front"] is not None:
+            assert obj.caption.startswith("a ") and part["colour"] in obj.caption
+            assert obj.caption.endswith(f"{part['front']} front")
+    assert [sample_spec(i, 5) for i in range(20)] == [
+        sample_spec(i, 5, closed_fronts=False) for i in range(20)]
+    with pytest.raises(ValueError, match="closed_fronts"):
+        sample_spec(0, closed_fronts="yes")
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: generate_objects(-1), "num_objects"),
     (lambda: generate_objects(3, start=-2), "start"),

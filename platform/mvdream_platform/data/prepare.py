@@ -74,17 +74,21 @@ class RenderSettings:
     front_share: float | None = None
     composite_share: float | None = None
     open_share: float | None = None
+    # shapes only: marked objects are single parts with every attribute captioned
+    # (``shapes.make_object``'s ``closed_fronts``).
+    closed_fronts: bool = False
 
     @property
-    def grammar(self) -> dict[str, float]:
+    def grammar(self) -> dict[str, Any]:
         """``make_object``'s keyword arguments for these shares."""
-        return grammar_shares(self.front_share, self.composite_share, self.open_share)
+        return grammar_shares(self.front_share, self.composite_share, self.open_share,
+                              self.closed_fronts)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        grammar_shares(self.front_share, self.composite_share, self.open_share)  # raises if out of [0, 1]
+        self.grammar  # noqa: B018 -- raises if a share is out of [0, 1] or closed_fronts not a bool
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.resolution < 8:
@@ -100,12 +104,13 @@ class RenderSettings:
 
 
 def grammar_shares(front_share: float | None = None, composite_share: float | None = None,
-                   open_share: float | None = None) -> dict[str, float]:
-    """``make_object``'s ``p_front``, ``p_composite`` and ``p_open`` for the prepare settings'
-    shares (None: the grammar's default).
+                   open_share: float | None = None, closed_fronts: bool = False) -> dict[str, Any]:
+    """``make_object``'s ``p_front``, ``p_composite``, ``p_open`` and ``closed_fronts`` for the
+    prepare settings' shares (None: the grammar's default).
 
     Raises:
-        ValueError: a share is not None and outside [0, 1] (named in the message).
+        ValueError: a share is not None and outside [0, 1], or closed_fronts is not a bool
+            (named in the message).
     """
     from . import shapes
 
@@ -117,6 +122,9 @@ def grammar_shares(front_share: float | None = None, composite_share: float | No
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1] (or be null), got {value}")
         out[keyword] = default if value is None else float(value)
+    if not isinstance(closed_fronts, bool):
+        raise ValueError(f"closed_fronts must be true or false, got {closed_fronts!r}")
+    out["closed_fronts"] = closed_fronts
     return out
 
 
@@ -489,7 +497,8 @@ class ImagePair:
 
 def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256,
                   front_share: float | None = None, composite_share: float | None = None,
-                  open_share: float | None = None) -> Iterator[ImagePair]:
+                  open_share: float | None = None,
+                  closed_fronts: bool = False) -> Iterator[ImagePair]:
     """The default 2D set: one render of each procedural object, then the bundled photos.
 
     Procedural objects use indices from 1_000_000 on, so the 2D set never repeats an object of
@@ -501,7 +510,7 @@ def builtin_pairs(num_objects: int, seed: int = 0, resolution: int = 256,
     from . import render
     from .shapes import make_object
 
-    grammar = grammar_shares(front_share, composite_share, open_share)
+    grammar = grammar_shares(front_share, composite_share, open_share, closed_fronts)
     rng = np.random.default_rng(seed)
     for i in range(num_objects):
         obj = make_object(1_000_000 + i, seed=seed, **grammar)

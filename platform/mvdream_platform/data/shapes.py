@@ -217,6 +217,7 @@ def make_object(
     p_adjective: float = DEFAULT_P_ADJECTIVE,
     p_front: float = DEFAULT_P_FRONT,
     p_open: float = DEFAULT_P_OPEN,
+    closed_fronts: bool = False,
     shapes: Iterable[str] | None = None,
     colours: Iterable[str] | None = None,
     relations: Iterable[str] | None = None,
@@ -232,6 +233,11 @@ def make_object(
         p_open: probability that the caption leaves out each of the object's attributes
             (a part's colour, its adjective, its marker's colour, a "next to" pair's side).
             0 gives captions that name everything.
+        closed_fronts: marked objects are single parts whose captions name every attribute
+            ("a pink sphere with a blue front"); unmarked objects follow ``p_composite`` and
+            ``p_open`` as usual. The marker is then drawn first, so such a world shares no
+            derivations with one made without this option. Fine-tunes use it to spend every
+            marked draw on a prompt whose front is fully named.
         shapes, colours, relations, adjectives: restrict the vocabularies (None = all of
             SHAPES, COLOURS, RELATIONS, ADJECTIVES), e.g. to hold captions out.
 
@@ -239,7 +245,8 @@ def make_object(
         ValueError: naming the bad argument and its allowed values.
     """
     spec = sample_spec(index, seed, p_composite=p_composite, p_adjective=p_adjective,
-                       p_front=p_front, p_open=p_open, shapes=shapes, colours=colours, relations=relations, adjectives=adjectives)
+                       p_front=p_front, p_open=p_open, closed_fronts=closed_fronts, shapes=shapes,
+                       colours=colours, relations=relations, adjectives=adjectives)
     mesh, attributes = build_mesh(spec)
     return ProceduralObject(object_id=object_id_for(index), caption=caption_for(attributes),
                             attributes=attributes, mesh=mesh, seed=int(seed), index=int(index))
@@ -268,6 +275,7 @@ def sample_spec(
     p_adjective: float = DEFAULT_P_ADJECTIVE,
     p_front: float = DEFAULT_P_FRONT,
     p_open: float = DEFAULT_P_OPEN,
+    closed_fronts: bool = False,
     shapes: Iterable[str] | None = None,
     colours: Iterable[str] | None = None,
     relations: Iterable[str] | None = None,
@@ -290,9 +298,15 @@ def sample_spec(
     relations = _vocabulary("relations", relations, RELATIONS, allow_empty=p_composite == 0)
     adjectives = _vocabulary("adjectives", adjectives, ADJECTIVES, allow_empty=True)
 
+    if not isinstance(closed_fronts, bool):
+        raise ValueError(f"closed_fronts must be true or false, got {closed_fronts!r}")
+
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    # closed_fronts decides the marker before anything else (the default order, below, keeps
+    # the derivations of every world prepared before the option existed).
+    marked = closed_fronts and rng.random() < p_front
     relation = None
-    if relations and rng.random() < p_composite:
+    if not marked and relations and rng.random() < p_composite:
         relation = relations[rng.integers(len(relations))]
     if relation is None:
         parts = [_sample_part(rng, shapes, colours, adjectives, p_adjective, "single")]
@@ -304,7 +318,7 @@ def sample_spec(
         parts = [first, _sample_part(rng, shapes, others, adjectives, p_adjective, roles[1])]
     # The marker's colour differs from every part's, so it can be told apart in renders.
     front = None
-    if rng.random() < p_front:
+    if marked or (not closed_fronts and rng.random() < p_front):
         free = [c for c in COLOURS if c not in {p["colour"] for p in parts}]
         front = free[rng.integers(len(free))]
     parts[0].update(front=front, front_rgb=list(COLOURS[front]) if front else None)
@@ -312,7 +326,7 @@ def sample_spec(
         part.update(front=None, front_rgb=None)
     side = SIDES[rng.integers(len(SIDES))] if relation == "next to" else None
     open_ = []
-    for k, part in enumerate(parts):
+    for k, part in enumerate([] if marked else parts):
         for name in ("colour", "adjective", "front"):
             if (name == "colour" or part[name] is not None) and rng.random() < p_open:
                 open_.append(f"{name}:{k}")
