@@ -65,9 +65,14 @@ def _attempts(sweep: Path, trial_id: str) -> int:
 
 @pytest.fixture(scope="module")
 def asha_sweep(ray_cluster, tmp_path_factory):
-    """2 prompts x guidance scale {2, 30}: 4 trials that differ strongly."""
+    """2 prompts x guidance scale {2, 30}: 4 trials, run one at a time in grid order.
+
+    One at a time, ASHA can only cut a trial that is worse at a rung than those before it, so
+    the prompt that the default prior helps more comes first: for the stage-4 default
+    prior_text_gain is about -0.0011 on "a blue sphere" and -0.0016 on "a red cube" (the
+    guidance scale moves it by less than 1%)."""
     tmp = tmp_path_factory.mktemp("tune")
-    cfg = _sweep_cfg(tmp, "asha", "tune.prompts=[a red cube,a blue sphere]",
+    cfg = _sweep_cfg(tmp, "asha", "tune.prompts=[a blue sphere,a red cube]",
                      "+tune.params={guidance_scale:{type:grid,values:[2.0,30.0]},seed:0,"
                      "negative_prompt:{type:choice,values:[none]}}", "tune.negative_prompts={none:''}")
     return import_job("tune_sds").run(cfg), tmp / "asha"
