@@ -11,7 +11,7 @@ run: the field, the optimiser and every random draw are the same as without it.
 
     .venv/bin/python benchmarks/sds_marker_trajectory.py [--prompts "a red cube with a yellow front" ...]
         [--guidance mvdream dreamfusion] [--seed 0] [--every 10] [--steps N]
-        [--out results/sds_marker_trajectory.json]
+        [--set shading.ambient_only_steps=400 ...] [--out results/sds_marker_trajectory.json]
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from bench_sds_quality import sds_config
 from mvdream_platform.evaluation.janus import colour_shares, janus_orbit, janus_verdict
 from mvdream_platform.evaluation.text_to_3d import object_for_prompt
 from mvdream_platform.pipelines import MVDreamPipeline
+from mvdream_platform.sds.config import SDSConfig
 from mvdream_platform.sds.optimize import build_scene, optimise, render_orbit
 
 from machine_info import describe
@@ -39,10 +41,15 @@ PROMPTS = ["a red cube with a yellow front", "a green sphere with a red front",
 
 
 def trajectory(pipe, prompt: str, guidance: str, seed: int, every: int,
-               steps: int | None = None) -> list[dict]:
+               steps: int | None = None, overrides: list[str] | None = None) -> list[dict]:
     """Per logged window: the step, the timestep range, the marker share per orbit view and the
-    verdict. ``steps``: the run length (None: the job's; the schedules stretch to it)."""
+    verdict. ``steps``: the run length (None: the job's; the schedules stretch to it);
+    ``overrides``: dotted ``key=value`` settings of the SDS config, e.g.
+    ``shading.ambient_only_steps=400``."""
     cfg = sds_config(guidance, steps)
+    if overrides:
+        merged = OmegaConf.merge(OmegaConf.create(cfg.to_dict()), OmegaConf.from_dotlist(overrides))
+        cfg = SDSConfig.from_dict(OmegaConf.to_container(merged, resolve=True))
     cfg.log_every = every
     marker = object_for_prompt(prompt).attributes["parts"][0]["front"]
     azimuths, c2w = janus_orbit(16)
@@ -74,6 +81,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=10, help="steps between readings")
     parser.add_argument("--steps", type=int, default=None, help="run length (default: the job's)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="SDS config overrides, e.g. shading.ambient_only_steps=400")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "sds_marker_trajectory.json")
     args = parser.parse_args()
@@ -85,7 +94,7 @@ def main() -> None:
     for prompt in args.prompts:
         for guidance in args.guidance:
             print(f"{prompt} / {guidance} / seed {args.seed}", flush=True)
-            rows = trajectory(pipe, prompt, guidance, args.seed, args.every, args.steps)
+            rows = trajectory(pipe, prompt, guidance, args.seed, args.every, args.steps, args.set)
             runs.append({"prompt": prompt, "guidance": guidance, "seed": args.seed, "steps": rows[-1]["step"],
                          "peak_front": max(r["front"] for r in rows),
                          "peak_front_step": max(rows, key=lambda r: r["front"])["step"],
@@ -94,7 +103,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "benchmark": "sds_marker_trajectory", "date": time.strftime("%Y-%m-%d"),
         "machine": describe(), "settings": {"model": args.model, "sds_config": "conf/sds/tiny.yaml",
-                                            "every": args.every, "orbit": "16 views, elevation 15, 32 px, albedo"},
+                                            "every": args.every, "overrides": args.set, "orbit": "16 views, elevation 15, 32 px, albedo"},
         "runs": runs, "mean_peak_front": float(np.mean([r["peak_front"] for r in runs])),
         "seconds": round(time.perf_counter() - start, 1)}, indent=1) + "\n")
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")

@@ -80,3 +80,28 @@ def test_mean_target_is_the_guidance_target_averaged_over_the_draws(objects):
     np.testing.assert_allclose(mean, expected.permute(0, 2, 3, 1).numpy(), atol=1e-5)
     single = sds_target.mean_target(guidance, views, c2w, objects[0].caption, 600, draws=1, seed=5)
     assert not np.allclose(single, mean)  # the second draw counts
+
+
+def test_front_excess_reads_the_views_facing_front_and_back(tmp_path):
+    import json
+
+    import janus_front
+
+    shares = [0.0] * 16
+    shares[0], shares[1], shares[15] = 0.6, 0.3, 0.3  # a front face seen from -22.5..22.5
+    assert janus_front.front_back(shares) == (pytest.approx(0.4), 0.0)
+    assert janus_front.front_back([0.2] * 16) == (pytest.approx(0.2), pytest.approx(0.2))  # everywhere
+    with pytest.raises(ValueError, match="16 shares"):
+        janus_front.front_back([0.0] * 8)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"quality": {"janus": {"verdict": "none", "shares": shares}}}))
+    results = tmp_path / "results.json"
+    record = {"prompt": "a red cube with a yellow front", "seed": 0, "guidance": "mvdream", "steps": 150,
+              "janus": "none", "out": str(run)}
+    results.write_text(json.dumps({"runs": [record, dict(record, prompt="a red cube", janus=None)]}))
+    (row,) = janus_front.read_runs([results])  # the unmarked prompt is skipped
+    assert row["excess"] == pytest.approx(0.4) and row["verdict"] == "none"
+    results.write_text(json.dumps({"runs": [dict(record, out=str(tmp_path / "gone"))]}))
+    with pytest.raises(FileNotFoundError, match="gone"):
+        janus_front.read_runs([results])
