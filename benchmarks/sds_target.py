@@ -115,7 +115,8 @@ def marker_shares(images: np.ndarray, inner: np.ndarray, marker: str) -> list[fl
 def mean_target(guidance, views: np.ndarray, c2w: torch.Tensor, prompt: str, t: int,
                 draws: int, seed: int) -> np.ndarray:
     """(V, H, W, 3) in [0, 1]: the guidance's target x0_hat at timestep t, averaged over
-    ``draws`` noise draws (draw k uses seed + k whatever the setting), decoded to pixels."""
+    ``draws`` noise draws (draw k uses seed + k whatever the setting), decoded to pixels.
+    Pins the guidance's timestep bounds to t (its config is changed in place)."""
     T = guidance.schedule.num_train_timesteps
     guidance.config.min_step_percent_start = guidance.config.min_step_percent_end = t / T
     guidance.config.max_step_percent_start = guidance.config.max_step_percent_end = t / T
