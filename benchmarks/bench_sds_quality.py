@@ -110,6 +110,8 @@ def row_of(prompt: str, seed: int, guidance: str, quality: dict, seconds: float,
             "topology_ok": scores["topology_ok"], "janus": scores.get("janus"),
             "janus_free": scores.get("janus_free"),
             "front_correct": (quality.get("janus") or {}).get("front_correct"),
+            # the marker's share per Janus-orbit view, for janus_front.py's front excess
+            "marker_shares": (quality.get("janus") or {}).get("shares"),
             "colours": [v["colour"] for v in quality["views"]], "seconds": seconds, "out": out}
 
 

@@ -3,17 +3,18 @@
 The Janus verdict (:mod:`mvdream_platform.evaluation.janus`) needs a face: an arc whose marker
 share reaches 0.15 somewhere. A faint front (13% of the object at azimuth 0, none at the back)
 is ``none``, the same verdict as no marker at all. This script reads the per-view marker shares
-that every scored run of ``bench_sds_quality.py`` leaves in ``<out>/metrics.json`` (16 orbit
-views) and reports, per guidance, the mean share of the three views facing the front (MVDream
-azimuths -22.5, 0, 22.5) and of the three facing the back (157.5-202.5), and their difference,
-the **front excess** (ground truth: about +0.6; a marker painted everywhere or nowhere: 0).
+of every scored run of ``bench_sds_quality.py`` (16 orbit views; its rows' ``marker_shares``,
+or ``<out>/metrics.json``) and reports, per guidance, the mean share of the three views facing
+the front (MVDream azimuths -22.5, 0, 22.5) and of the three facing the back (157.5-202.5), and
+their difference, the **front excess** (ground truth: about +0.6; a marker painted everywhere or nowhere: 0).
 Multi-view SDS and the 2D baseline are compared run by run (same prompt, seed and settings),
 with a 95% bootstrap interval on the mean paired difference.
 
     .venv/bin/python benchmarks/janus_front.py --json benchmarks/results/janus_sds_10_prompts_stage4.json \\
         benchmarks/results/janus_sds_10_prompts_stage4_seed1.json ... --out results/janus_front_stage4.json
 
-The run folders (``out`` of each run in the JSON) must still be on disk.
+Result files written since stop 35 carry the shares in their rows (``marker_shares``); for
+older ones the run folders (``out`` of each run) must still be on disk.
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ def read_runs(paths: list[Path]) -> list[dict]:
         for run in json.loads(path.read_text())["runs"]:
             if run.get("janus") is None:
                 continue  # not a marked prompt
-            metrics = Path(run["out"]) / "metrics.json"
-            if not metrics.exists():
-                raise FileNotFoundError(f"{metrics} (run folder of {path.name}) is gone; rerun the "
-                                        "benchmark to score its fronts")
-            janus = json.loads(metrics.read_text())["quality"]["janus"]
-            front, back = front_back(janus["shares"])
+            shares = run.get("marker_shares")  # in the rows since stop 35; else the run folder
+            if shares is None:
+                metrics = Path(run["out"]) / "metrics.json"
+                if not metrics.exists():
+                    raise FileNotFoundError(f"{metrics} (run folder of {path.name}) is gone; rerun "
+                                            "the benchmark to score its fronts")
+                shares = json.loads(metrics.read_text())["quality"]["janus"]["shares"]
+            front, back = front_back(shares)
             runs.append({"prompt": run["prompt"], "seed": run["seed"], "guidance": run["guidance"],
-                         "steps": run["steps"], "verdict": janus["verdict"], "front": round(front, 4),
+                         "steps": run["steps"], "verdict": run["janus"], "front": round(front, 4),
                          "back": round(back, 4), "excess": round(front - back, 4)})
     return runs
 

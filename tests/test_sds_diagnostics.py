@@ -105,3 +105,7 @@ def test_front_excess_reads_the_views_facing_front_and_back(tmp_path):
     results.write_text(json.dumps({"runs": [dict(record, out=str(tmp_path / "gone"))]}))
     with pytest.raises(FileNotFoundError, match="gone"):
         janus_front.read_runs([results])
+    # rows written since stop 35 carry the shares themselves: no run folder needed
+    results.write_text(json.dumps({"runs": [dict(record, out=str(tmp_path / "gone"), marker_shares=[0.1] * 16)]}))
+    (row,) = janus_front.read_runs([results])
+    assert row["front"] == pytest.approx(0.1) and row["excess"] == pytest.approx(0.0)
