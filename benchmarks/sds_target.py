@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -48,7 +47,6 @@ import torch
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from mvdream_platform.data import render
 from mvdream_platform.data.shapes import build_mesh, caption_for
 from mvdream_platform.evaluation.consistency import (
     ConsistencySettings,
@@ -56,6 +54,7 @@ from mvdream_platform.evaluation.consistency import (
     palette_names,
     view_cameras,
 )
+from mvdream_platform.evaluation.models import render_ground_truth_rgba
 from mvdream_platform.pipelines import MVDreamPipeline
 from mvdream_platform.sds.config import SDSConfig
 from mvdream_platform.sds.guidance import DreamFusionGuidance, GuidanceConfig, MultiViewGuidance
@@ -81,16 +80,6 @@ def plain_version(obj):
     mesh, _ = build_mesh(attributes)
     return dataclasses.replace(obj, mesh=mesh, attributes=attributes,
                                caption=caption_for(attributes))
-
-
-def render_rgba(obj, settings: ConsistencySettings, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """(V, H, W, 3) colours and (V, H, W) alpha in [0, 1] at the ground-truth cameras of
-    :func:`~mvdream_platform.evaluation.consistency.render_truth` (which composites the same
-    render over mid-grey)."""
-    distance = settings.gt_fill / math.sin(math.radians(settings.gt_fovy_deg) / 2)
-    c2w = view_cameras(settings.num_views, settings.elevation, distance)
-    rgba = render.render_views(obj.mesh, c2w, settings.gt_fovy_deg, resolution, antialias=2)
-    return rgba[..., :3] / 255.0, rgba[..., 3] / 255.0
 
 
 def background_colour(kind: str, index: int) -> np.ndarray:
@@ -131,6 +120,22 @@ def mean_target(guidance, views: np.ndarray, c2w: torch.Tensor, prompt: str, t: 
     return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
+def score_setting(guidance, variant: str, cases: list, views: dict, c2w: torch.Tensor, t: int,
+                  draws: int) -> dict[str, list[float]]:
+    """``{"keep_share_per_view": (V,), "create_share_per_view": (V,)}``: the marker share of the
+    mean target per view at t, averaged over the objects (``cases`` and ``views`` as in
+    :func:`main`)."""
+    per_start = {"keep": [], "create": []}
+    for i, (caption, plain_caption, marker, inner, _) in enumerate(cases):
+        if variant == "contrast":
+            guidance.config.negative_prompt = plain_caption
+        for start_name, shares in per_start.items():
+            target = mean_target(guidance, views[i, start_name], c2w, caption, t, draws, 0)
+            shares.append(marker_shares(target, inner, marker))
+    return {f"{name}_share_per_view": np.mean(shares, 0).round(4).tolist()
+            for name, shares in per_start.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT.parent / "checkpoints" / "tiny"))
@@ -157,7 +162,8 @@ def main() -> None:
     cases = []  # per object: caption, plain caption, marker, inner mask, {start: (rgb, alpha)}
     for obj in objects:
         plain = plain_version(obj)
-        renders = {"keep": render_rgba(obj, settings, size), "create": render_rgba(plain, settings, size)}
+        renders = {"keep": render_ground_truth_rgba(obj, settings, size),
+                   "create": render_ground_truth_rgba(plain, settings, size)}
         alpha = renders["keep"][1]
         inner = np.stack([ndimage.binary_erosion(a > 0.5) for a in alpha])
         cases.append((obj.caption, plain.caption, obj.attributes["parts"][0]["front"], inner, renders))
@@ -174,21 +180,13 @@ def main() -> None:
                               for name in ("keep", "create")}
         for guidance_name in args.guidances:
             for variant in args.variants:
+                # One guidance per setting (its text cache then encodes each caption once);
+                # mean_target pins its timestep, `contrast` sets its negative prompt per object.
                 fields = dict(dataclasses.asdict(shipped), **VARIANTS[variant])
+                guidance = GUIDANCES[guidance_name](pipe, GuidanceConfig(**fields))
                 for t in args.timesteps:
-                    per_start = {"keep": [], "create": []}
-                    for i, (caption, plain_caption, marker, inner, _) in enumerate(cases):
-                        if variant == "contrast":
-                            fields["negative_prompt"] = plain_caption
-                        guidance = GUIDANCES[guidance_name](pipe, GuidanceConfig(**fields))
-                        for start_name in per_start:
-                            target = mean_target(guidance, views[i, start_name], c2w, caption, t,
-                                                 args.draws, 0)
-                            per_start[start_name].append(marker_shares(target, inner, marker))
                     row = {"background": background, "guidance": guidance_name, "variant": variant,
-                           "t": t}
-                    for start_name, shares in per_start.items():
-                        row[f"{start_name}_share_per_view"] = np.mean(shares, 0).round(4).tolist()
+                           "t": t, **score_setting(guidance, variant, cases, views, c2w, t, args.draws)}
                     rows.append(row)
                     print(f"{background:11s} {guidance_name:11s} {variant:10s} t={t:4d}  keep "
                           f"{row['keep_share_per_view']}  create {row['create_share_per_view']}",

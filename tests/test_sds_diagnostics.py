@@ -23,6 +23,7 @@ from mvdream_platform.evaluation.consistency import (  # noqa: E402
     render_truth,
     view_cameras,
 )
+from mvdream_platform.evaluation.models import render_ground_truth_rgba  # noqa: E402
 from mvdream_platform.sds.guidance import GuidanceConfig, MultiViewGuidance  # noqa: E402
 
 SETTINGS = ConsistencySettings(sets=3, kinds=("marker",))
@@ -39,8 +40,8 @@ def test_plain_version_paints_the_marker_over_and_drops_it_from_the_caption(obje
         plain = sds_target.plain_version(obj)
         assert "front" in obj.caption and "front" not in plain.caption
         assert plain.caption == obj.caption.split(" with ")[0]
-        rgb, alpha = sds_target.render_rgba(obj, SETTINGS, 32)
-        plain_rgb, plain_alpha = sds_target.render_rgba(plain, SETTINGS, 32)
+        rgb, alpha = render_ground_truth_rgba(obj, SETTINGS, 32)
+        plain_rgb, plain_alpha = render_ground_truth_rgba(plain, SETTINGS, 32)
         np.testing.assert_allclose(alpha, plain_alpha, atol=1e-6)  # same silhouette
         inner = np.stack([ndimage.binary_erosion(a > 0.5) for a in alpha])
         shares = sds_target.marker_shares(rgb, inner, marker)
@@ -48,8 +49,8 @@ def test_plain_version_paints_the_marker_over_and_drops_it_from_the_caption(obje
         assert sds_target.marker_shares(plain_rgb, inner, marker) == [0.0] * 4
 
 
-def test_render_rgba_over_grey_is_the_benchmarks_ground_truth(objects):
-    rgb, alpha = sds_target.render_rgba(objects[0], SETTINGS, 32)
+def test_ground_truth_rgba_over_grey_is_the_benchmarks_ground_truth(objects):
+    rgb, alpha = render_ground_truth_rgba(objects[0], SETTINGS, 32)
     grey = rgb * alpha[..., None] + 0.5 * (1 - alpha[..., None])
     np.testing.assert_allclose(grey, render_truth(objects[0], SETTINGS, 32), atol=1e-6)
 

@@ -82,8 +82,9 @@ def held_out_objects(settings: EvalSettings) -> list:
     return objects
 
 
-def render_ground_truth(obj, settings: EvalSettings, resolution: int) -> np.ndarray:
-    """(F, H, W, 3) in [0, 1]: the true object at the evaluation cameras on mid-grey."""
+def render_ground_truth_rgba(obj, settings: EvalSettings, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """(F, H, W, 3) colours and (F, H, W) alpha, both float64 in [0, 1]: the true object at the
+    evaluation cameras, before any background."""
     from ..cameras import mvdream_to_orbit_azimuth, orbit_camera_to_world
     from ..data import render
 
@@ -91,8 +92,14 @@ def render_ground_truth(obj, settings: EvalSettings, resolution: int) -> np.ndar
     distance = settings.gt_fill / math.sin(math.radians(settings.gt_fovy_deg) / 2)
     c2w = orbit_camera_to_world(settings.elevation, mvdream_to_orbit_azimuth(azimuths), distance)
     rgba = render.render_views(obj.mesh, c2w, settings.gt_fovy_deg, resolution, antialias=2)
-    alpha = rgba[..., 3:].astype(np.float64) / 255
-    return rgba[..., :3] / 255 * alpha + 0.5 * (1 - alpha)
+    return rgba[..., :3] / 255, rgba[..., 3].astype(np.float64) / 255
+
+
+def render_ground_truth(obj, settings: EvalSettings, resolution: int) -> np.ndarray:
+    """(F, H, W, 3) in [0, 1]: the true object at the evaluation cameras on mid-grey."""
+    rgb, alpha = render_ground_truth_rgba(obj, settings, resolution)
+    alpha = alpha[..., None]
+    return rgb * alpha + 0.5 * (1 - alpha)
 
 
 def evaluate(pipe, settings: EvalSettings, progress: bool = True) -> tuple[EvalReport, np.ndarray]:
